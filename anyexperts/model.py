@@ -1,0 +1,214 @@
+"""Builds the megatron-core GPTModel of a run: dense, top-k MoE, or AnyExperts MoE layers.
+
+The transformer config comes from `TrainConfig` (anyexperts.config). On a machine
+without Transformer Engine the local spec (plain torch modules) is used; with TE the TE
+spec. The MLP of each MoE layer is megatron-core's MoELayer (`moe.kind=topk`) or the
+AnyExperts layer (`moe.kind=anyexperts`, anyexperts/moe/specs.py).
+
+Initialisation is layout-invariant (`reinit_layout_invariant`): every parameter is drawn
+from a generator seeded by the run seed and the parameter's *global* name (expert
+parameters by global expert index), so the same seed gives the same weights at any
+expert-parallel size. That is what makes EP=1 and EP=2 runs comparable step for step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from anyexperts.config import TrainConfig
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def params_dtype(cfg: TrainConfig) -> torch.dtype:
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int = 1) -> int:
+    multiple = divisible_by * tensor_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(cfg: TrainConfig):
+    """megatron-core TransformerConfig from the run config."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    dtype = params_dtype(cfg)
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization=m.normalization,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        # megatron's mlp.py:247 fails with biases at EP=1 (measured); modern LMs drop them anyway.
+        add_bias_linear=False,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels need CUDA (and apex/TE); the unfused paths are exact.
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+    if moe.kind != "none":
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+            moe_router_topk=moe.router_topk,
+            moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_token_dispatcher_type=moe.token_dispatcher,
+            moe_grouped_gemm=moe.grouped_gemm,
+            moe_layer_freq=moe.layer_freq,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(**kwargs)
+
+
+def layer_specs(cfg: TrainConfig, config) -> list:
+    """One ModuleSpec per transformer layer (dense or MoE per moe.layer_freq)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    use_te = have_transformer_engine()
+
+    def base_spec(num_experts: Optional[int]):
+        if use_te:
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+                num_experts=num_experts, moe_grouped_gemm=cfg.moe.grouped_gemm)
+        return gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=cfg.moe.grouped_gemm, normalization=cfg.model.normalization)
+
+    dense = base_spec(None)
+    if cfg.moe.kind == "none":
+        return [dense] * cfg.model.num_layers
+    if cfg.moe.kind == "topk":
+        moe_spec = base_spec(cfg.moe.num_experts)
+    else:
+        from anyexperts.moe.specs import get_anyexperts_layer_spec
+
+        moe_spec = get_anyexperts_layer_spec(
+            cfg.moe.anyexperts, use_transformer_engine=use_te, normalization=cfg.model.normalization)
+    return [moe_spec if i % cfg.moe.layer_freq == 0 else dense for i in range(cfg.model.num_layers)]
+
+
+def build_model(cfg: TrainConfig, vocab_size: int):
+    """The GPTModel for this rank (parallel_state must be initialised)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    config = transformer_config(cfg)
+    if have_transformer_engine():
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = gpt_layer_specs.LNImpl
+    block_spec = TransformerBlockSubmodules(layer_specs=layer_specs(cfg, config), layer_norm=final_norm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                     cfg.parallel.tensor_model_parallel_size),
+        max_sequence_length=cfg.model.seq_length,
+        share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.model.position_embedding_type,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    reinit_layout_invariant(model, seed=cfg.trainer.seed, init_method_std=cfg.model.init_method_std,
+                            num_layers=cfg.model.num_layers)
+    return model
+
+
+# Parameter names of local experts: "...experts.local_experts.<i>.<rest>" (SequentialMLP) or
+# "...experts.linear_fc1.weight<i>" (TEGroupedMLP): prefix, local index, suffix.
+_LOCAL_EXPERT = re.compile(r"(.*\.experts\.local_experts\.)(\d+)(\..*)|(.*\.experts\.linear_fc[12]\.weight)(\d+)()$")
+# Output projections get the scaled init std / sqrt(2 * num_layers), as megatron does.
+_OUTPUT_PROJ = re.compile(r".*(linear_proj|linear_fc2)\.weight\d*$")
+
+
+def global_param_name(name: str, num_local_experts: int, ep_rank: int) -> str:
+    """The parameter's name as it would be at expert-parallel size 1."""
+    parts = _expert_parts(name)
+    if parts:
+        prefix, index, suffix = parts
+        return f"{prefix}{ep_rank * num_local_experts + index}{suffix}"
+    return name
+
+
+def _expert_parts(name: str):
+    match = _LOCAL_EXPERT.match(name)
+    if not match:
+        return None
+    if match.group(1) is not None:
+        return match.group(1), int(match.group(2)), match.group(3)
+    return match.group(4), int(match.group(5)), ""
+
+
+def _seed_for(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def reinit_layout_invariant(model: torch.nn.Module, *, seed: int, init_method_std: float, num_layers: int) -> None:
+    """Redraws every matrix from a generator keyed by (seed, global parameter name).
+
+    Vectors (norm weights, biases) keep megatron's deterministic constants; matrices get
+    N(0, std) with megatron's scaled std for output projections. Stacked grouped-GEMM
+    expert weights (weight0, weight1, ...) are named per expert already, so they map the
+    same way (legacy GroupedMLP's stacked weights are not supported). Needs tensor-parallel size 1 (a TP shard would need slicing).
+    """
+    from megatron.core import parallel_state
+
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    counts: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        parts = _expert_parts(name)
+        if parts:
+            counts[parts[0]] = max(counts.get(parts[0], 0), parts[1] + 1)
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            continue
+        parts = _expert_parts(name)
+        gname = global_param_name(name, counts[parts[0]] if parts else 0, ep_rank)
+        std = init_method_std / math.sqrt(2.0 * num_layers) if _OUTPUT_PROJ.match(name) else init_method_std
+        generator = torch.Generator(device="cpu").manual_seed(_seed_for(seed, gname))
+        values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        param.copy_(values.to(device=param.device, dtype=param.dtype))
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    """Local parameter counts: total, expert (held by this rank), and non-expert."""
+    expert = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "expert_local": expert, "non_expert": total - expert}

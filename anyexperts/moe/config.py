@@ -1,0 +1,77 @@
+"""Settings of one AnyExperts MoE layer (docs: ../../README.md, "The AnyExperts layer").
+
+Plain dataclass with no Hydra or megatron dependency, so that users can build the layer
+in their own megatron-core models: `AnyExpertsConfig(k_min=2, k_max=6, ...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class AnyExpertsConfig:
+    # Per-token total slots K_i = k_min + round(w_i * (k_max - k_min)).
+    k_min: int = 1
+    k_max: int = 4
+    num_virtual_experts: int = 2
+    # At most floor(rho_max * K_i) of a token's slots are virtual.
+    rho_max: float = 0.25
+    virtual_kind: str = "zero"  # zero | copy | constant
+    # all: gates normalised over every selected entry (virtual ones dilute the real output);
+    # real: over real entries only.
+    gate_norm: str = "all"
+    importance_hidden_size: int = 64
+    # Residual fusion out = y + alpha * w * h; alpha is a learned scalar when learn_alpha.
+    alpha: float = 0.0
+    learn_alpha: bool = False
+    # Loss coefficients (0 switches a loss off).
+    load_balance_coeff: float = 1e-2
+    load_balance_scope: str = "micro_batch"  # micro_batch | global_batch
+    budget_coeff: float = 1e-1
+    # Target mean real experts per token; None means no budget term.
+    budget_target: Optional[float] = None
+    z_loss_coeff: float = 1e-3
+    # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias, updated by this rate.
+    bias_update_rate: float = 0.0
+    # Capacity per expert in real-slot units: factor x (real slots / experts); None = unlimited.
+    capacity_factor: Optional[float] = None
+
+    def validate(self, *, num_experts: int, prefix: str = "") -> None:
+        """Raises ValueError naming the field (with `prefix`, e.g. 'moe.anyexperts.')."""
+
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"{prefix}{name}={getattr(self, name)!r} {message}")
+
+        if self.k_min < 1:
+            fail("k_min", "must be >= 1: every token needs at least one slot")
+        if self.k_min > self.k_max:
+            fail("k_min", f"must not exceed {prefix}k_max={self.k_max}")
+        if self.k_max > num_experts + self.num_virtual_experts:
+            fail("k_max", f"exceeds the {num_experts} real + {self.num_virtual_experts} virtual experts")
+        if not 0.0 <= self.rho_max < 1.0:
+            fail("rho_max", "must lie in [0, 1)")
+        if self.num_virtual_experts < 0:
+            fail("num_virtual_experts", "must be >= 0")
+        if self.rho_max > 0 and self.num_virtual_experts < 1:
+            fail("num_virtual_experts", f"must be >= 1 when {prefix}rho_max={self.rho_max} > 0")
+        # The cap leaves at least k_max - floor(rho_max*k_max) real slots; more than E cannot exist.
+        min_real_at_kmax = self.k_max - int(self.rho_max * self.k_max)
+        if min_real_at_kmax > num_experts:
+            fail("k_max", f"needs at least {min_real_at_kmax} real experts per token but there are {num_experts}")
+        if self.virtual_kind not in ("zero", "copy", "constant"):
+            fail("virtual_kind", "must be one of zero, copy, constant")
+        if self.gate_norm not in ("all", "real"):
+            fail("gate_norm", "must be 'all' or 'real'")
+        if self.load_balance_scope not in ("micro_batch", "global_batch"):
+            fail("load_balance_scope", "must be 'micro_batch' or 'global_batch'")
+        if self.importance_hidden_size < 1:
+            fail("importance_hidden_size", "must be >= 1")
+        for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        if self.budget_target is not None and not self.k_min <= self.budget_target <= self.k_max:
+            fail("budget_target", f"must lie in [k_min={self.k_min}, k_max={self.k_max}]")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            fail("capacity_factor", "must be > 0 (or null for no capacity limit)")
