@@ -212,3 +212,28 @@ def count_parameters(model: torch.nn.Module) -> dict:
     expert = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))
     total = sum(p.numel() for p in model.parameters())
     return {"total": total, "expert_local": expert, "non_expert": total - expert}
+
+
+def estimate_num_parameters(cfg: TrainConfig, vocab_size: int) -> tuple[int, int]:
+    """(total, active per token) parameter counts of the whole model, without building it."""
+    m, moe = cfg.model, cfg.moe
+    hidden = m.hidden_size
+    gate_factor = 3 if m.activation == "swiglu" else 2
+    vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by)
+    embeddings = vocab * hidden * (1 if m.share_embeddings_and_output_weights else 2)
+    attention = 4 * hidden * hidden + 2 * hidden  # qkv + proj, two norms
+    dense_mlp = gate_factor * hidden * m.ffn_hidden_size
+    total = active = embeddings
+    for layer in range(m.num_layers):
+        total += attention
+        active += attention
+        if moe.kind != "none" and layer % moe.layer_freq == 0:
+            expert = gate_factor * hidden * moe.expert_ffn_hidden_size
+            router = hidden * (moe.num_experts + (moe.anyexperts.num_virtual_experts if moe.kind == "anyexperts" else 0))
+            total += moe.num_experts * expert + router
+            slots = moe.router_topk if moe.kind == "topk" else moe.anyexperts.k_max
+            active += slots * expert + router
+        else:
+            total += dense_mlp
+            active += dense_mlp
+    return total, active

@@ -1,0 +1,215 @@
+"""The pretraining loop: data -> megatron GPTModel (MoE) -> DDP -> optimizer, with logging.
+
+Called by `python -m launcher.train` once torch.distributed is up on every rank
+(see launcher/bootstrap.py). One global batch per step: gradient accumulation over
+micro-batches, one gradient all-reduce (megatron DDP), clipping, an optimizer step and a
+scheduler step; validation loss every `trainer.eval_interval` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from anyexperts import cpu_support
+from anyexperts.config import TrainConfig
+from anyexperts.training.batches import BatchLayout, micro_batches
+from anyexperts.training.metrics import MetricsLogger
+from anyexperts.training import moe_metrics
+from anyexperts.training.optim import build_optimizer, build_scheduler, current_lr, wrap_ddp
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    steps_done: int = 0
+    wall_time_s: float = 0.0
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def setup_parallel(cfg: TrainConfig) -> None:
+    """megatron's process groups and seeds (torch.distributed must already be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cpu_support.apply()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
+    )
+    torch.manual_seed(cfg.trainer.seed)
+    model_parallel_cuda_manual_seed(cfg.trainer.seed)
+    if cfg.trainer.deterministic and torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = True
+
+
+def prepare_data(cfg: TrainConfig, logger: MetricsLogger):
+    """Rank 0 prepares (or finds) the tokenized corpus first; the others then read it."""
+    from anyexperts.data.prepare import ensure_prepared
+
+    prefix, tokenizer = None, None
+    if dist.get_rank() == 0:
+        logger.info(f"data: {cfg.data.source} (tokenizer {cfg.data.tokenizer})")
+        prefix, tokenizer = ensure_prepared(cfg.data, show_progress=True)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        prefix, tokenizer = ensure_prepared(cfg.data, show_progress=False)
+    return prefix, tokenizer
+
+
+def build_datasets(cfg: TrainConfig, prefix: str, tokenizer):
+    from anyexperts.data.datasets import build_gpt_datasets
+
+    tr = cfg.trainer
+    num_evals = tr.max_steps // tr.eval_interval + 1
+    num_samples = (tr.max_steps * tr.global_batch_size, num_evals * tr.eval_iters * tr.global_batch_size, 0)
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        prefix, tokenizer, seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tr.seed,
+        num_samples=num_samples)
+    return train_ds, valid_ds
+
+
+def _forward_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token loss over unmasked tokens, number of those tokens) for one micro-batch."""
+    per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                           labels=batch["labels"])
+    mask = batch["loss_mask"].to(per_token_loss.dtype)
+    return (per_token_loss.float() * mask).sum(), mask.sum()
+
+
+def _global_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor, group) -> float:
+    packed = torch.stack([loss_sum.detach().float(), num_tokens.detach().float()])
+    dist.all_reduce(packed, group=group)
+    return (packed[0] / packed[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, eval_index: int) -> float:
+    model.eval()
+    loss_sum = torch.zeros((), device=_device())
+    num_tokens = torch.zeros((), device=_device())
+    samples_per_eval = cfg.trainer.eval_iters * cfg.trainer.global_batch_size
+    for it in range(cfg.trainer.eval_iters):
+        consumed = eval_index * samples_per_eval + it * cfg.trainer.global_batch_size
+        for batch in micro_batches(dataset, layout, consumed, device=_device()):
+            s, n = _forward_loss(model, batch)
+            loss_sum += s
+            num_tokens += n
+    model.train()
+    return _global_mean(loss_sum, num_tokens, dp_group)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from anyexperts.model import build_model, count_parameters
+
+    wall_start = time.monotonic()
+    setup_parallel(cfg)
+    is_logging_rank = dist.get_rank() == 0
+    logger = MetricsLogger(run_dir, enabled=is_logging_rank, tensorboard=cfg.logging.tensorboard,
+                           console=cfg.logging.console, max_steps=cfg.trainer.max_steps)
+    dp_group = parallel_state.get_data_parallel_group()
+    layout = BatchLayout(
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        global_batch_size=cfg.trainer.global_batch_size,
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+    prefix, tokenizer = prepare_data(cfg, logger)
+    train_ds, valid_ds = build_datasets(cfg, prefix, tokenizer)
+
+    model = build_model(cfg, tokenizer.vocab_size)
+    if cfg.moe.kind == "topk":
+        moe_metrics.attach_topk_router_hooks(model)
+    counts = count_parameters(model)
+    logger.info(f"model: {counts['total']:,} parameters on rank 0 ({counts['expert_local']:,} in local experts); "
+                f"world {dist.get_world_size()}, data-parallel {layout.data_parallel_size}, "
+                f"expert-parallel {cfg.parallel.expert_model_parallel_size}, "
+                f"{layout.num_micro_batches} micro-batches of {layout.micro_batch_size} per step")
+    ddp_model = wrap_ddp(cfg, model)
+    optimizer = build_optimizer(cfg, ddp_model)
+    scheduler = build_scheduler(cfg, optimizer)
+    state = TrainState()
+    result = TrainResult()
+    device = _device()
+    tokens_per_step = cfg.trainer.global_batch_size * cfg.model.seq_length
+    # megatron scales the aux-loss gradient by this: each micro-batch is 1/num of the step.
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / layout.num_micro_batches, device=device))
+
+    window_start = time.monotonic()
+    window_steps = 0
+    try:
+        while state.step < cfg.trainer.max_steps:
+            ddp_model.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss_sum = torch.zeros((), device=device)
+            num_tokens = torch.zeros((), device=device)
+            for batch in micro_batches(train_ds, layout, state.consumed_samples, device=device):
+                s, n = _forward_loss(ddp_model, batch)
+                # Each micro-batch's mean loss, averaged over micro-batches; DDP averages over ranks.
+                (s / n.clamp(min=1) / layout.num_micro_batches).backward()
+                loss_sum += s.detach()
+                num_tokens += n
+            ddp_model.finish_grad_sync()
+            update_ok, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            state.step += 1
+            state.consumed_samples += cfg.trainer.global_batch_size
+            window_steps += 1
+
+            loss = _global_mean(loss_sum, num_tokens, dp_group)
+            result.losses.append(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {state.step}; lower optim.lr or check the data")
+
+            val_loss = None
+            if state.step % cfg.trainer.eval_interval == 0 or state.step == cfg.trainer.max_steps:
+                val_loss = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
+                                    eval_index=state.step // cfg.trainer.eval_interval)
+                result.val_losses[state.step] = val_loss
+
+            if state.step % cfg.logging.log_interval == 0 or val_loss is not None or state.step == 1:
+                elapsed = time.monotonic() - window_start
+                scalars = {
+                    "loss": loss,
+                    "lr": current_lr(optimizer),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
+                    "consumed_samples": state.consumed_samples,
+                    "update_ok": bool(update_ok),
+                }
+                if val_loss is not None:
+                    scalars["val_loss"] = val_loss
+                moe_scalars, moe_vectors = moe_metrics.collect_moe_metrics(
+                    num_micro_batches=layout.num_micro_batches * window_steps, dp_group=dp_group)
+                scalars.update(moe_scalars)
+                logger.log(state.step, scalars, moe_vectors)
+                logger.progress(state.step, scalars)
+                window_start, window_steps = time.monotonic(), 0
+    finally:
+        logger.close()
+    result.steps_done = state.step
+    result.wall_time_s = time.monotonic() - wall_start
+    return result
