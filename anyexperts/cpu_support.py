@@ -158,11 +158,9 @@ def _patch_split_sizes_to_host() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# 6. Literal device='cuda': optimizer/optimizer.py:907 (FP32Optimizer._scale) and
-#    utils.py:1207 (local_multi_tensor_l2_norm, the grad-norm kernel without apex).
-def _patch_cuda_literals() -> None:
-    from megatron.core import utils as mutils
-    from megatron.core.optimizer import clip_grads, optimizer
+# 6. Literal device='cuda' in optimizer/optimizer.py:907 (FP32Optimizer._scale).
+def _patch_fp32_optimizer_scale() -> None:
+    from megatron.core.optimizer import optimizer
 
     fp32_init = optimizer.FP32Optimizer.__init__
 
@@ -174,27 +172,39 @@ def _patch_cuda_literals() -> None:
                 tkwargs["device"] = _CPU
             return real_tensor(*targs, **tkwargs)
 
+        # The literal sits in the middle of __init__; swapping torch.tensor for the call
+        # is the narrowest change that does not copy megatron's constructor.
         torch.tensor = cpu_tensor
         try:
             fp32_init(self, *args, **kwargs)
         finally:
             torch.tensor = real_tensor
 
-    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-        norms = [torch.linalg.vector_norm(t.float()) for tensors in tensor_lists for t in tensors]
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-        return total.reshape(1).to(torch.float32), None
-
     optimizer.FP32Optimizer.__init__ = fp32_optimizer_init
-    mutils.local_multi_tensor_l2_norm = l2_norm
-    if getattr(clip_grads, "l2_norm_impl", None) is not None and clip_grads.l2_norm_impl.__name__ == "local_multi_tensor_l2_norm":
-        clip_grads.l2_norm_impl = l2_norm
 
 
 # --------------------------------------------------------------------------------------
-# 7. optimizer/clip_grads.py:167 asserts param.grad.type() == 'torch.cuda.FloatTensor'.
+# 7. Gradient norm and clipping: optimizer/clip_grads.py:89,103,113 allocate on
+#    device='cuda' (and utils.py:1207 in the apex-less l2 norm), and :167 asserts
+#    param.grad.type() == 'torch.cuda.FloatTensor'. Same maths, on the grads' device.
 def _patch_clip_grads() -> None:
     from megatron.core.optimizer import clip_grads, optimizer
+
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        if isinstance(grads_for_norm, torch.Tensor):
+            grads_for_norm = [grads_for_norm]
+        grads = [g.detach().float() for g in grads_for_norm]
+        norm_type = float(norm_type)
+        if norm_type == float("inf"):
+            total = torch.stack([g.abs().max() for g in grads]).max() if grads else torch.zeros(())
+            total = total.reshape(1)
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=grad_stats_parallel_group)
+            return total.item()
+        total = torch.stack([torch.linalg.vector_norm(g, norm_type) ** norm_type for g in grads]).sum() \
+            if grads else torch.zeros(())
+        total = total.reshape(1)
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=grad_stats_parallel_group)
+        return total.item() ** (1.0 / norm_type)
 
     def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
         if isinstance(parameters, torch.Tensor):
@@ -205,8 +215,9 @@ def _patch_clip_grads() -> None:
         if clip_coeff < 1.0 and grads:
             torch._foreach_mul_(grads, clip_coeff)
 
-    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
-    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    for module in (clip_grads, optimizer):
+        module.get_grad_norm_fp32 = get_grad_norm_fp32
+        module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 # --------------------------------------------------------------------------------------
@@ -239,8 +250,8 @@ PATCHES: tuple[Patch, ...] = (
     Patch("current_device", "utils.py:631, tensor_parallel/mappings.py:444", _patch_current_device),
     Patch("te_general_gemm", "transformer/moe/moe_utils.py:1192", _patch_te_general_gemm),
     Patch("split_sizes_to_host", "transformer/moe/moe_utils.py:1093", _patch_split_sizes_to_host),
-    Patch("cuda_literals", "optimizer/optimizer.py:907, utils.py:1207", _patch_cuda_literals),
-    Patch("clip_grads", "optimizer/clip_grads.py:167", _patch_clip_grads),
+    Patch("fp32_optimizer_scale", "optimizer/optimizer.py:907", _patch_fp32_optimizer_scale),
+    Patch("clip_grads", "optimizer/clip_grads.py:89,103,113,167", _patch_clip_grads),
     Patch("synchronize", "dist_checkpointing/strategies/filesystem_async.py:230", _patch_synchronize),
     Patch("causal_mask", "transformer/utils.py:35", _patch_causal_mask),
 )

@@ -13,12 +13,15 @@ for all ranks and write the resolved config into it -> train.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,7 +53,19 @@ def write_resolved_config(cfg_node: DictConfig, run_dir: Path, env: bootstrap.Di
     (run_dir / "launch.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(meta)))
 
 
+def quiet_megatron() -> None:
+    """megatron-core logs every parameter and its whole optimizer config at INFO, and warns
+    once per module that apex/TE are missing, which is the expected state on CPU."""
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        for pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                        ".*full scope is deprecated.*"):
+            warnings.filterwarnings("ignore", message=pattern)
+
+
 def run(cfg_node: DictConfig) -> float | None:
+    quiet_megatron()
     cfg = to_dataclass(cfg_node)
     env = bootstrap.discover()
     try:

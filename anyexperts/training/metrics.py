@@ -84,7 +84,7 @@ class MetricsLogger:
             self._start_step, self._start_time = step - 1, time.monotonic()
         elapsed = time.monotonic() - self._start_time
         done = step - self._start_step
-        eta = elapsed / done * (self.max_steps - step) if done > 0 else float("nan")
+        eta = elapsed / done * (self.max_steps - step) if done > 1 else float("nan")
         parts = [f"step {step}/{self.max_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
                          ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:.0f} tok/s")):

@@ -27,7 +27,9 @@ def attach_topk_router_hooks(model: torch.nn.Module) -> int:
         if isinstance(module, TopKRouter):
             layer_number = module.layer_number
 
-            def hook(_mod, _inputs, outputs, layer_number=layer_number):
+            def hook(mod, _inputs, outputs, layer_number=layer_number):
+                if not mod.training:  # validation batches are not part of the training statistics
+                    return
                 _probs, routing_map = outputs
                 routing_map = routing_map.detach()
                 tokens_per_expert = routing_map.sum(dim=0).float()
