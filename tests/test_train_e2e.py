@@ -1,0 +1,108 @@
+"""Real training runs through the entry point: torchrun with 2 processes, and one process.
+
+The EP=2 run (2 processes, data-parallel 2) and the EP=1 run (1 process, 2 micro-batches)
+see the same global batches and, thanks to layout-invariant initialisation, the same
+weights: their losses must agree for the first steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A smaller model and short run keep this to about a minute on 2 cores.
+COMMON = ["experiment=shakespeare_cpu", "model.num_layers=2", "model.hidden_size=64",
+          "model.num_attention_heads=4", "moe.expert_ffn_hidden_size=64", "model.seq_length=64",
+          "trainer.eval_interval=4", "trainer.eval_iters=1", "logging.log_interval=1",
+          "logging.tensorboard=false", "optim.warmup_steps=2"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    return env
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def _run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    ep2 = root / "ep2"
+    ep1 = root / "ep1"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "launcher.train", *COMMON, "trainer.max_steps=8", f"experiment.run_dir={ep2}"])
+    _run([sys.executable, "-m", "launcher.train", *COMMON, "trainer.max_steps=3",
+          "parallel.expert_model_parallel_size=1", f"experiment.run_dir={ep1}"])
+    return ep1, ep2
+
+
+def test_two_process_run_learns(runs):
+    _, ep2 = runs
+    losses = _losses(ep2)
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 0.5, losses
+    config = (ep2 / "config.yaml").read_text()
+    assert "expert_model_parallel_size: 2" in config
+
+
+def test_metrics_jsonl_has_the_promised_fields(runs):
+    _, ep2 = runs
+    records = [json.loads(line) for line in (ep2 / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(record)
+    assert any("val_loss" in r for r in records)
+    assert any(k.startswith("moe/load_balancing_loss/layer") for k in records[0])
+    assert any(k.startswith("moe/tokens_per_expert/layer") for k in records[0])
+
+
+def test_expert_parallel_matches_single_process(runs):
+    ep1, ep2 = runs
+    losses_ep1 = _losses(ep1)
+    losses_ep2 = _losses(ep2)[:3]
+    assert len(losses_ep1) == 3
+    for step, (a, b) in enumerate(zip(losses_ep1, losses_ep2), start=1):
+        assert abs(a - b) <= 1e-5, f"step {step}: EP=1 {a} vs EP=2 {b}"
+
+
+def test_only_one_run_directory(runs):
+    _, ep2 = runs
+    # Hydra must not have made per-rank output folders in the working directory.
+    assert not (REPO / "outputs").exists()
+    names = {p.name for p in ep2.iterdir()}
+    assert {"config.yaml", "metrics.jsonl"} <= names
+    assert ".hydra" not in names
+
+
+def test_bad_config_fails_before_any_process_group(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "experiment=shakespeare_cpu",
+                           f"experiment.run_dir={tmp_path / 'bad'}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "parallel.expert_model_parallel_size=2" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_prepared_data_is_named(tmp_path):
+    missing = tmp_path / "nowhere" / "text_document"
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", *COMMON, "data=prepared",
+                           f"data.data_prefix={missing}", "parallel.expert_model_parallel_size=1",
+                           "trainer.max_steps=1", f"experiment.run_dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr + proc.stdout
