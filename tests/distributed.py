@@ -11,6 +11,7 @@ hangs fails it after `timeout` seconds.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -28,6 +29,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _to_bytes(value: Any) -> bytes:
+    # Tensors put on a queue are shared by file descriptor, which dies with the rank's
+    # process before the parent reads it; plain bytes outlive it.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
 def _worker(rank, world_size, port, fn, args, expert_parallel_size, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -41,7 +50,7 @@ def _worker(rank, world_size, port, fn, args, expert_parallel_size, queue):
             from megatron.core import parallel_state
 
             parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel_size)
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        queue.put((rank, True, _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # report any failure, including asserts, to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -68,7 +77,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = ()
             rank, ok, value = queue.get(timeout=timeout)
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for proc in procs:
             proc.join(timeout=10)
