@@ -100,6 +100,16 @@ class TrainerConfig:
     eval_iters: int = 4
     precision: str = "auto"  # auto (bf16 with CUDA, else fp32) | fp32 | bf16
     deterministic: bool = True
+    # --- checkpoint / preemption (issue 5; anyexperts/training/checkpoint.py, signals.py) ---
+    # After a stop signal (SIGTERM/SIGUSR1/SIGINT) and its checkpoint, rank 0 runs
+    # `scontrol requeue $SLURM_JOB_ID` (when SLURM_JOB_ID is set).
+    requeue_on_signal: bool = False
+    # Load the checkpoint (checkpoint.resume), compute the validation loss once, and stop.
+    eval_only: bool = False
+    # Test hooks (0 = off): after this step the last rank sends itself SIGTERM / raises an error.
+    debug_signal_at_step: int = 0
+    debug_fail_at_step: int = 0
+    # --- end checkpoint / preemption ---
 
 
 @dataclass
@@ -118,6 +128,30 @@ class ExperimentConfig:
     run_dir: Optional[str] = None
 
 
+# --- checkpoint (issue 5) ---
+@dataclass
+class CheckpointConfig:
+    # Save every `interval` steps (0: only at the end and on a stop signal).
+    interval: int = 100
+    # Keep the newest N complete checkpoints, older ones are deleted (0: keep all).
+    keep_last: int = 2
+    # auto: resume from the newest complete checkpoint of this run's checkpoint directory, if
+    # any | none: start fresh | <path>: a step_XXXXXXX directory, or a checkpoints directory,
+    # used while this run has no checkpoint of its own (then its own newest wins).
+    resume: str = "auto"
+    # Where to save; unset: <run_dir>/checkpoints.
+    dir: Optional[str] = None
+    save_at_end: bool = True
+    # false: load weights, scheduler and data position, but start the Adam moments from zero.
+    load_optimizer: bool = True
+    # Spread the writes/reads of replicated tensors over the data-parallel ranks.
+    fully_parallel: bool = True
+    # Distributed optimizer (GPU) state format: fully_reshardable loads at any parallel
+    # layout; dp_reshardable saves faster but only the data-parallel size may change.
+    distributed_optimizer_format: str = "fully_reshardable"
+# --- end checkpoint ---
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,6 +162,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def register_configs() -> None:
@@ -239,6 +274,20 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"use a multiple of {tr.micro_batch_size * data_parallel}"
         )
     _positive("logging.log_interval", cfg.logging.log_interval)
+    # --- checkpoint (issue 5) ---
+    ck = cfg.checkpoint
+    _positive("checkpoint.interval", ck.interval, allow_zero=True)
+    _positive("checkpoint.keep_last", ck.keep_last, allow_zero=True)
+    if not ck.resume:
+        raise ValueError("checkpoint.resume is empty; use auto, none or the path of a checkpoint")
+    _choice("checkpoint.distributed_optimizer_format", ck.distributed_optimizer_format,
+            ("fully_reshardable", "dp_reshardable"))
+    _positive("trainer.debug_signal_at_step", tr.debug_signal_at_step, allow_zero=True)
+    _positive("trainer.debug_fail_at_step", tr.debug_fail_at_step, allow_zero=True)
+    if tr.eval_only and ck.resume == "none":
+        raise ValueError("trainer.eval_only=true evaluates a checkpoint, but checkpoint.resume=none; "
+                         "set checkpoint.resume=<path of a checkpoint> (or auto)")
+    # --- end checkpoint ---
     if not cfg.experiment.name or "/" in cfg.experiment.name:
         raise ValueError(f"experiment.name={cfg.experiment.name!r} must be a non-empty name without '/'")
 

@@ -179,18 +179,12 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-@torch.no_grad()
-def reinit_layout_invariant(model: torch.nn.Module, *, seed: int, init_method_std: float, num_layers: int) -> None:
-    """Redraws every matrix from a generator keyed by (seed, global parameter name).
+# AnyExperts' GroupedExperts stack local experts on dim 0: "...experts.fc1_weight" [E_local, ...].
+_STACKED_EXPERTS = re.compile(r"(.*\.experts\.)(fc[12]_weight)$")
 
-    Vectors (norm weights, biases) keep megatron's deterministic constants; matrices get
-    N(0, std) with megatron's scaled std for output projections. Stacked grouped-GEMM
-    expert weights (weight0, weight1, ...) are named per expert already, so they map the
-    same way (legacy GroupedMLP's stacked weights are not supported). Needs tensor-parallel size 1 (a TP shard would need slicing).
-    """
-    from megatron.core import parallel_state
 
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
+def _init_targets(model: torch.nn.Module, ep_rank: int):
+    """(tensor to fill, global name, is output projection) for every matrix of the model."""
     counts: dict[str, int] = {}
     for name, _ in model.named_parameters():
         parts = _expert_parts(name)
@@ -199,12 +193,36 @@ def reinit_layout_invariant(model: torch.nn.Module, *, seed: int, init_method_st
     for name, param in model.named_parameters():
         if param.dim() < 2:
             continue
+        stacked = _STACKED_EXPERTS.match(name)
+        if stacked and param.dim() == 3:
+            num_local = param.shape[0]
+            for index in range(num_local):
+                global_index = ep_rank * num_local + index
+                yield param[index], f"{stacked.group(1)}{global_index}.{stacked.group(2)}", stacked.group(2) == "fc2_weight"
+            continue
         parts = _expert_parts(name)
-        gname = global_param_name(name, counts[parts[0]] if parts else 0, ep_rank)
-        std = init_method_std / math.sqrt(2.0 * num_layers) if _OUTPUT_PROJ.match(name) else init_method_std
-        generator = torch.Generator(device="cpu").manual_seed(_seed_for(seed, gname))
-        values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-        param.copy_(values.to(device=param.device, dtype=param.dtype))
+        yield param, global_param_name(name, counts[parts[0]] if parts else 0, ep_rank), bool(_OUTPUT_PROJ.match(name))
+
+
+@torch.no_grad()
+def reinit_layout_invariant(model: torch.nn.Module, *, seed: int, init_method_std: float, num_layers: int) -> None:
+    """Redraws every matrix from a generator keyed by (seed, global parameter name).
+
+    Vectors (norm weights, biases) keep megatron's deterministic constants; matrices get
+    N(0, std) with megatron's scaled std for output projections. Expert weights are named
+    by their global expert index: SequentialMLP's local_experts.<i>, TEGroupedMLP's
+    weight<i>, and each slice of GroupedExperts' stacked fc1/fc2 weights (legacy
+    GroupedMLP is not supported). Needs tensor-parallel size 1 (a TP shard would need slicing).
+    """
+    from megatron.core import parallel_state
+
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    output_std = init_method_std / math.sqrt(2.0 * num_layers)
+    for tensor, global_name, is_output in _init_targets(model, ep_rank):
+        generator = torch.Generator(device="cpu").manual_seed(_seed_for(seed, global_name))
+        values = torch.empty(tensor.shape, dtype=torch.float32).normal_(
+            0.0, output_std if is_output else init_method_std, generator=generator)
+        tensor.copy_(values.to(device=tensor.device, dtype=tensor.dtype))
 
 
 def count_parameters(model: torch.nn.Module) -> dict:

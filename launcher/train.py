@@ -9,6 +9,18 @@ Order of work: compose the config (Hydra, typed by anyexperts/config.py) -> find
 process's rank (launcher/bootstrap.py) -> validate every value against the world size,
 before any process group exists -> start torch.distributed -> agree on one run directory
 for all ranks and write the resolved config into it -> train.
+
+Exit codes (of each rank's process; under torchrun see the note below):
+  0   finished trainer.max_steps (or trainer.eval_only), final checkpoint saved.
+  75  stopped on SIGTERM / SIGUSR1 / SIGINT after saving a checkpoint (EX_TEMPFAIL: run
+      the same command again, with the same run directory, to resume). With
+      trainer.requeue_on_signal=true and SLURM_JOB_ID set, rank 0 has already run
+      `scontrol requeue $SLURM_JOB_ID`.
+  2   config error (before any process group starts); the message names the field.
+  1   any other error; the traceback names it (under torchrun, the failing rank's, via
+      `record`; torchrun then stops the other ranks).
+torchrun itself exits 1 when it was signalled (it re-raises the signal after its workers
+stop, whatever their codes), and 1 with a failure report when a worker failed.
 """
 
 from __future__ import annotations
@@ -27,6 +39,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate
 from launcher import bootstrap
+
+# --- checkpoint / preemption (issue 5) ---
+# Exit code after a stop signal and its checkpoint: EX_TEMPFAIL ("try again"), distinct from a
+# crash (1) and a config error (2), so a wrapper script can tell "resume me" from "broken".
+EXIT_STOPPED_ON_SIGNAL = 75
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """`scontrol requeue <job_id>`: the job goes back to pending with the same id (and so the
+    same run directory) and resumes from its checkpoint when it starts again."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        print(f"scontrol requeue {job_id} failed ({err}); resubmit the job by hand", file=sys.stderr, flush=True)
+        return False
+    if done.returncode != 0:
+        print(f"scontrol requeue {job_id} exited {done.returncode}: {done.stderr.strip()}; resubmit by hand",
+              file=sys.stderr, flush=True)
+        return False
+    print(f"requeued Slurm job {job_id}", flush=True)
+    return True
+# --- end checkpoint / preemption ---
 
 register_configs()
 
@@ -87,6 +123,17 @@ def run(cfg_node: DictConfig) -> float | None:
         if env.rank == 0 and result.losses:
             print(f"done: {result.steps_done} steps in {result.wall_time_s:.1f}s, "
                   f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}", flush=True)
+        # --- checkpoint / preemption (issue 5) ---
+        if result.stop_signal:
+            job_id = os.environ.get("SLURM_JOB_ID")
+            if env.rank == 0 and cfg.trainer.requeue_on_signal and job_id:
+                # After train(): the checkpoint is complete on every rank (its save ends in a collective).
+                requeue_slurm_job(job_id)
+            # Exit together: torchrun stops the remaining ranks as soon as one has exited.
+            dist.barrier()
+            # Raised inside the try: the finally below still tears down the process groups.
+            raise SystemExit(EXIT_STOPPED_ON_SIGNAL)
+        # --- end checkpoint / preemption ---
         return result.losses[-1] if result.losses else None
     finally:
         from megatron.core import parallel_state
@@ -98,7 +145,12 @@ def run(cfg_node: DictConfig) -> float | None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg_node: DictConfig) -> float | None:
-    return run(cfg_node)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # record() must sit inside Hydra: Hydra turns an exception into sys.exit(1), so a record()
+    # around main() alone never sees it, and torchrun's failure report would say
+    # "error_file: <N/A>" instead of showing the failing rank's traceback. (issue 5)
+    return record(run)(cfg_node)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ class AnyExpertsConfig:
     budget_coeff: float = 1e-1
     # Target mean real experts per token; None means no budget term.
     budget_target: Optional[float] = None
+    # micro_batch: the budget term over this rank's micro-batch; global_batch: over the
+    # data-parallel ranks and the micro-batches of the step so far (losses.py).
+    budget_scope: str = "micro_batch"  # micro_batch | global_batch
     z_loss_coeff: float = 1e-3
     # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias, updated by this rate.
     bias_update_rate: float = 0.0
@@ -66,6 +69,8 @@ class AnyExpertsConfig:
             fail("gate_norm", "must be 'all' or 'real'")
         if self.load_balance_scope not in ("micro_batch", "global_batch"):
             fail("load_balance_scope", "must be 'micro_batch' or 'global_batch'")
+        if self.budget_scope not in ("micro_batch", "global_batch"):
+            fail("budget_scope", "must be 'micro_batch' or 'global_batch'")
         if self.importance_hidden_size < 1:
             fail("importance_hidden_size", "must be >= 1")
         for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate"):

@@ -21,8 +21,11 @@ from anyexperts import cpu_support
 from anyexperts.config import TrainConfig
 from anyexperts.training.batches import BatchLayout, micro_batches
 from anyexperts.training.metrics import MetricsLogger
+from anyexperts.moe.losses import reset_global_batch_state, update_selection_biases
 from anyexperts.training import moe_metrics
 from anyexperts.training.optim import build_optimizer, build_scheduler, current_lr, wrap_ddp
+from anyexperts.training.checkpoint import Checkpointer  # issue 5
+from anyexperts.training.signals import StopSignal, debug_hooks, signal_name  # issue 5
 
 
 @dataclass
@@ -37,6 +40,12 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     steps_done: int = 0
     wall_time_s: float = 0.0
+    # --- checkpoint / preemption (issue 5) ---
+    # The signal number that stopped the run after a checkpoint (0: it ran to max_steps);
+    # the launcher turns it into the exit code and the Slurm requeue.
+    stop_signal: int = 0
+    resumed_from: Optional[str] = None
+    last_checkpoint: Optional[str] = None
 
 
 def _device() -> torch.device:
@@ -158,11 +167,36 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
     # megatron scales the aux-loss gradient by this: each micro-batch is 1/num of the step.
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / layout.num_micro_batches, device=device))
 
+    # --- checkpoint / preemption (issue 5): resume after the optimizer and scheduler exist ---
+    checkpointer = Checkpointer(cfg, run_dir, log_fn=logger.info)
+    resumed_from = checkpointer.resume(model, optimizer, scheduler, state)
+    result.resumed_from = str(resumed_from) if resumed_from else None
+    if cfg.trainer.eval_only:
+        try:
+            if resumed_from is None:
+                raise RuntimeError(f"trainer.eval_only=true found no checkpoint (checkpoint.resume="
+                                   f"{cfg.checkpoint.resume}); set checkpoint.resume=<path of a checkpoint>")
+            # The same validation samples the training run used at this step.
+            val_loss = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
+                                eval_index=state.step // cfg.trainer.eval_interval)
+            result.val_losses[state.step] = val_loss
+            logger.log(state.step, {"val_loss": val_loss, "eval_only": True})
+            logger.info(f"eval_only: step {state.step} val_loss {val_loss:.6f}")
+        finally:
+            logger.close()
+        result.steps_done = state.step
+        result.wall_time_s = time.monotonic() - wall_start
+        return result
+    stop = StopSignal.install()
+    # --- end checkpoint / preemption ---
+
     window_start = time.monotonic()
     window_steps = 0
     try:
         while state.step < cfg.trainer.max_steps:
             ddp_model.zero_grad_buffer()
+            # AnyExperts global-batch load-balance/budget sums restart with each global batch.
+            reset_global_batch_state(model)
             optimizer.zero_grad()
             loss_sum = torch.zeros((), device=device)
             num_tokens = torch.zeros((), device=device)
@@ -174,6 +208,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                 num_tokens += n
             ddp_model.finish_grad_sync()
             update_ok, grad_norm, _ = optimizer.step()
+            # Aux-loss-free balancing (DeepSeek-V3): per-expert selection biases follow the loads.
+            update_selection_biases(model)
             scheduler.step(increment=1)
             state.step += 1
             state.consumed_samples += cfg.trainer.global_batch_size
@@ -208,7 +244,27 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                 logger.log(state.step, scalars, moe_vectors)
                 logger.progress(state.step, scalars)
                 window_start, window_steps = time.monotonic(), 0
+
+            # --- checkpoint / preemption (issue 5): every rank, at the same point of every step ---
+            debug_hooks(state.step, signal_at_step=cfg.trainer.debug_signal_at_step,
+                        fail_at_step=cfg.trainer.debug_fail_at_step)
+            stop_signal = stop.agreed(device=device)
+            if stop_signal or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
+                saved = checkpointer.save(model, optimizer, scheduler, state)
+                if saved is not None:  # keep the save out of the next tokens_per_s window
+                    window_start += saved.seconds
+            if stop_signal:
+                logger.info(f"stopping after step {state.step}: {signal_name(stop_signal)} received; "
+                            f"checkpoint {checkpointer.last_saved_path} saved")
+                result.stop_signal = stop_signal
+                break
+        if (cfg.checkpoint.save_at_end and not result.stop_signal
+                and checkpointer.last_saved_step != state.step):
+            checkpointer.save(model, optimizer, scheduler, state)
+        result.last_checkpoint = str(checkpointer.last_saved_path) if checkpointer.last_saved_path else None
+        # --- end checkpoint / preemption ---
     finally:
+        stop.restore()
         logger.close()
     result.steps_done = state.step
     result.wall_time_s = time.monotonic() - wall_start

@@ -1,0 +1,245 @@
+"""Expert-parallel all-to-all dispatch for a variable number of real expert slots per token.
+
+Each token has K slots (K = K_max, the widest any token may use); a slot holds a GLOBAL real
+expert id or -1 (a virtual, unused or dropped slot). Only real slots travel:
+
+    dispatcher = VariableSlotAllToAll(num_experts=E, ep_group=group)   # group None: one rank
+    tokens_NH, tokens_per_local_expert, probs_N = dispatcher.dispatch(hidden_TH, expert_TK, gate_TK)
+    expert_out_NH, _ = experts(tokens_NH, tokens_per_local_expert, probs_N)  # experts apply gates
+    y_TH = dispatcher.combine(expert_out_NH)          # sum over each token's real slots
+
+Data path (one host sync, for the split sizes):
+1. A sort key per slot: its expert id, or E for a non-real slot, so that one stable sort
+   orders the real slots by expert (= by destination rank, since rank r owns the contiguous
+   experts [r*E_local, (r+1)*E_local)) and pushes non-real slots past the end, where the
+   slice cuts them off. Per-expert counts come from a scatter-add (no host sync on GPU).
+2. The counts are exchanged with a small all_to_all_single while the sort runs; both count
+   vectors then go to the host together: the only host-device sync.
+3. One index_select gathers the real slots' rows; ONE all_to_all_single with uneven splits
+   moves them (and the per-row gates ride in a second, concurrent call of 4 bytes per row:
+   see "Bytes" below). Received rows are rank-major; one precomputed gather makes them
+   expert-major (skipped when there is one local expert or one rank).
+4. combine: the inverse gather, ONE all_to_all_single back, one index_add_ into [T, H].
+Autograd flows to the hidden states and the gates; backward runs the mirrored exchanges.
+
+Bytes: `last_dispatch_bytes_sent` = (real slots this rank sent to other ranks) x H x element
+size; `last_combine_bytes_sent` = (rows this rank returned to other ranks) x H x element size;
+`last_bytes_sent` is their sum (both directions of one forward). Backward sends the same
+amounts again, mirrored, and is not counted. Gates (gate element size per row) and the counts
+exchange are metadata, counted apart in `last_metadata_bytes_sent`.
+
+Tests: tests/test_dispatcher.py. Benchmark: tools/bench_dispatcher.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """all_to_all_single over dim 0 of one or more tensors with the same uneven splits.
+
+    All tensors are launched asynchronously before any is waited on, so a small companion
+    tensor (the gates) costs its latency only once. Backward sends the gradients back with the
+    splits swapped.
+    """
+
+    @staticmethod
+    def forward(ctx, group, output_splits, input_splits, *tensors):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        return _exchange(group, output_splits, input_splits, tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = tuple(g.contiguous() for g in grads)
+        return (None, None, None, *_exchange(ctx.group, ctx.input_splits, ctx.output_splits, grads))
+
+
+def _exchange(group, output_splits: list[int], input_splits: list[int], tensors) -> tuple:
+    num_out = sum(output_splits)
+    outs, works = [], []
+    for tensor in tensors:
+        out = tensor.new_empty((num_out, *tensor.shape[1:]))
+        works.append(dist.all_to_all_single(out, tensor.contiguous(), output_splits, input_splits,
+                                            group=group, async_op=True))
+        outs.append(out)
+    for work in works:
+        work.wait()
+    return tuple(outs)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Small host-built index tensors to the device without a stream sync: a plain copy from
+    pageable memory synchronises on CUDA, a non-blocking one from pinned memory does not."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0) - counts
+
+
+def _segment_permutation(counts_AB: torch.Tensor, num_rows: int, device) -> torch.Tensor:
+    """Row gather index that turns segments laid out (a, b)-major into (b, a)-major order.
+
+    counts_AB[a, b] rows form segment (a, b); in the source buffer segments follow row-major
+    (a, b) order. Returns idx with out = src[idx] holding the segments in (b, a) order, built
+    from segment starts with one repeat_interleave (no host sync: num_rows is known).
+    """
+    start_AB = _exclusive_cumsum(counts_AB.reshape(-1)).reshape(counts_AB.shape)
+    counts_BA = counts_AB.t().reshape(-1)
+    src_start_BA = start_AB.t().reshape(-1)
+    dst_start_BA = _exclusive_cumsum(counts_BA)
+    shift = torch.repeat_interleave(host_to_device(src_start_BA - dst_start_BA, device),
+                                    host_to_device(counts_BA, device), output_size=num_rows)
+    return torch.arange(num_rows, device=device) + shift
+
+
+class VariableSlotAllToAll:
+    """Dispatches real expert slots to the ranks owning the experts and brings results back.
+
+    num_experts: global real experts E; rank r of ep_group owns [r*E/ep, (r+1)*E/ep).
+    ep_group: the expert-parallel process group; None (or a group of one) means no exchange.
+    State of one dispatch is kept here until its combine, as megatron's dispatchers do.
+    """
+
+    def __init__(self, *, num_experts: int, ep_group: Optional[ProcessGroup]):
+        self.ep_group = ep_group
+        self.ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
+        self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
+        if num_experts < 1 or num_experts % self.ep_size:
+            raise ValueError(f"num_experts={num_experts} must be a positive multiple of the "
+                             f"expert-parallel size {self.ep_size}")
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.last_dispatch_bytes_sent = 0
+        self.last_combine_bytes_sent = 0
+        self.last_metadata_bytes_sent = 0
+        self._state: Optional[dict] = None
+
+    @property
+    def last_bytes_sent(self) -> int:
+        """Hidden-state bytes the last dispatch + combine sent to other ranks (both directions)."""
+        return self.last_dispatch_bytes_sent + self.last_combine_bytes_sent
+
+    # ----------------------------------------------------------------------------------------
+    def dispatch(self, hidden_TH: torch.Tensor, expert_TK: torch.Tensor, gate_TK: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (tokens_NH sorted by local expert, int64 CPU count per local expert, gate per row)."""
+        if expert_TK.dim() != 2 or gate_TK.shape != expert_TK.shape:
+            raise ValueError(f"expert_TK {tuple(expert_TK.shape)} and gate_TK {tuple(gate_TK.shape)} "
+                             "must both be [tokens, slots]")
+        hidden_shape = hidden_TH.shape
+        num_tokens, num_slots = expert_TK.shape
+        hidden_TH = hidden_TH.reshape(-1, hidden_shape[-1])
+        if hidden_TH.shape[0] != num_tokens:
+            raise ValueError(f"hidden has {hidden_TH.shape[0]} tokens, routing has {num_tokens}")
+        num_experts, ep_size, device = self.num_experts, self.ep_size, hidden_TH.device
+
+        # 1. Sort key: expert id for real slots, E (sorted last, then cut off) for the rest.
+        expert_S = expert_TK.reshape(-1).to(device=device, dtype=torch.int64)
+        key_S = torch.where(expert_S >= 0, expert_S, num_experts)
+        counts_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+        counts_E1.scatter_add_(0, key_S, torch.ones_like(key_S))
+        send_counts_E = counts_E1[:num_experts]
+
+        # 2. Counts exchange, overlapped with the sort; then the one host sync for both.
+        work = None
+        if ep_size > 1:
+            recv_counts_RL = torch.empty(num_experts, dtype=torch.int64, device=device)
+            work = dist.all_to_all_single(recv_counts_RL, send_counts_E, group=self.ep_group,
+                                          async_op=True)
+        order_S = torch.sort(key_S, stable=True).indices
+        if work is not None:
+            work.wait()
+            host = torch.cat([send_counts_E, recv_counts_RL]).tolist()
+            send_counts, recv_counts = host[:num_experts], host[num_experts:]
+        else:
+            send_counts = send_counts_E.tolist()
+            recv_counts = send_counts
+
+        # 3. Gather the real slots' rows (expert-major, hence destination-rank-major).
+        num_real = sum(send_counts)
+        slot_N = order_S[:num_real]
+        token_N = torch.div(slot_N, num_slots, rounding_mode="floor")
+        rows_NH = hidden_TH.index_select(0, token_N)
+        gates_N = gate_TK.reshape(-1).to(device).index_select(0, slot_N)
+
+        local = self.num_local_experts
+        state = dict(token_N=token_N, num_tokens=num_tokens, hidden_shape=hidden_shape)
+        if ep_size == 1:
+            self._state = state
+            self.last_dispatch_bytes_sent = self.last_combine_bytes_sent = 0
+            self.last_metadata_bytes_sent = 0
+            return rows_NH, torch.tensor(send_counts, dtype=torch.int64), gates_N
+
+        recv_counts_RL_host = torch.tensor(recv_counts, dtype=torch.int64).view(ep_size, local)
+        input_splits = split_sizes(send_counts, local)
+        output_splits = recv_counts_RL_host.sum(1).tolist()
+        num_recv = sum(output_splits)
+        recv_MH, recv_gates_M = _AllToAllRows.apply(self.ep_group, output_splits, input_splits,
+                                                    rows_NH, gates_N)
+        # 4. Rank-major -> expert-major with one gather; combine uses the inverse.
+        if local > 1:
+            to_expert_major = _segment_permutation(recv_counts_RL_host, num_recv, device)
+            to_rank_major = _segment_permutation(recv_counts_RL_host.t().contiguous(), num_recv, device)
+            tokens_MH = recv_MH.index_select(0, to_expert_major)
+            probs_M = recv_gates_M.index_select(0, to_expert_major)
+        else:
+            to_rank_major = None
+            tokens_MH, probs_M = recv_MH, recv_gates_M
+
+        state.update(input_splits=input_splits, output_splits=output_splits,
+                     to_rank_major=to_rank_major)
+        self._state = state
+        row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
+        sent_remote = num_real - input_splits[self.ep_rank]
+        returned_remote = num_recv - output_splits[self.ep_rank]
+        self.last_dispatch_bytes_sent = sent_remote * row_bytes
+        self.last_combine_bytes_sent = returned_remote * row_bytes
+        self.last_metadata_bytes_sent = (sent_remote * gates_N.element_size()
+                                         + (ep_size - 1) * local * send_counts_E.element_size())
+        return tokens_MH, recv_counts_RL_host.sum(0), probs_M
+
+    # ----------------------------------------------------------------------------------------
+    def combine(self, expert_out_NH: torch.Tensor) -> torch.Tensor:
+        """Returns the sum over each token's real slots, shaped like dispatch's hidden input."""
+        if self._state is None:
+            raise RuntimeError("combine() called without a preceding dispatch()")
+        state, self._state = self._state, None
+        if self.ep_size > 1:
+            if state["to_rank_major"] is not None:
+                expert_out_NH = expert_out_NH.index_select(0, state["to_rank_major"])
+            (expert_out_NH,) = _AllToAllRows.apply(self.ep_group, state["input_splits"],
+                                                   state["output_splits"], expert_out_NH)
+        hidden_size = expert_out_NH.shape[-1]
+        # In place into fresh zeros: autograd records it, and no second [T, H] copy is made.
+        y_TH = expert_out_NH.new_zeros(state["num_tokens"], hidden_size)
+        y_TH.index_add_(0, state["token_N"], expert_out_NH)
+        return y_TH.view(*state["hidden_shape"][:-1], hidden_size)
+
+
+def routing_to_dense(expert_TK: torch.Tensor, gate_TK: torch.Tensor, num_experts: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs_TE, routing_map_TE) in megatron's dense form, for comparisons with its dispatchers.
+
+    Non-real slots scatter into an extra column E that is cut off, so they cannot overwrite a
+    real entry. A token naming one expert twice keeps one entry (megatron has no such form).
+    """
+    num_tokens = expert_TK.shape[0]
+    column_TK = torch.where(expert_TK >= 0, expert_TK, num_experts)
+    routing_map_TE = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=expert_TK.device)
+    routing_map_TE.scatter_(1, column_TK, True)
+    probs_TE = torch.zeros(num_tokens, num_experts + 1, dtype=gate_TK.dtype, device=gate_TK.device)
+    probs_TE = probs_TE.scatter(1, column_TK, gate_TK)
+    return probs_TE[:, :num_experts], routing_map_TE[:, :num_experts]
+
+
+def split_sizes(counts: Sequence[int], group_size: int) -> list[int]:
+    """Sums consecutive runs of `group_size` counts (per-expert counts -> per-rank splits)."""
+    return [sum(counts[i:i + group_size]) for i in range(0, len(counts), group_size)]

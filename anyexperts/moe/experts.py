@@ -1,0 +1,264 @@
+"""This rank's local experts as stacked weights, run over one expert-sorted token buffer.
+
+    experts = GroupedExperts(num_local_experts, config)          # megatron TransformerConfig
+    out_NH, _ = experts(tokens_NH, tokens_per_expert, probs_N)   # rows sorted by local expert
+
+Same constructor and forward contract as megatron's SequentialMLP, so it can stand in a
+MoESubmodules spec (`MoESubmodules(experts=ModuleSpec(module=GroupedExperts))`): the gate
+probability of each row is applied inside (folded into the activation), so the caller's
+combine is an unweighted sum. `load_from_sequential_mlp(seq_mlp)` copies a SequentialMLP's
+weights for equality tests and benchmarks.
+
+Weights (no tensor parallelism): fc1_weight [E_local, H, F1] with F1 = 2F for a gated linear
+unit (gate half first, as megatron's linear_fc1 rows), else F; fc2_weight [E_local, F, H];
+optional biases fc1_bias [E_local, F1], fc2_bias [E_local, H]. Each is marked
+`allreduce = not expert_parallel` exactly as megatron marks expert linear layers, so megatron
+DDP reduces them over the expert-data-parallel group. `sharded_state_dict` maps them to
+global [num_experts, ...] tensors for megatron's dist_checkpointing (any EP size on load).
+
+Matmuls: torch._grouped_mm when the dtype and strides meet its constraints (fp32/bf16/fp16,
+16-byte row strides); otherwise `_LoopGroupedMM`, a per-expert loop writing into slices of
+one output (no torch.cat in either direction), which also serves float64 for exact tests.
+
+Tests: tests/test_experts.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn import Parameter
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from anyexperts.moe.dispatcher import host_to_device
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _LoopGroupedMM(torch.autograd.Function):
+    """out[rows of e] = x[rows of e] @ w[e], one mm per expert into slices of one buffer."""
+
+    @staticmethod
+    def forward(ctx, x_NI, w_EIO, counts: Sequence[int]):
+        ctx.save_for_backward(x_NI, w_EIO)
+        ctx.counts = counts
+        out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                torch.mm(x_NI[start:start + count], w_EIO[expert], out=out_NO[start:start + count])
+            start += count
+        return out_NO
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        x_NI, w_EIO = ctx.saved_tensors
+        grad_NO = grad_NO.contiguous()
+        grad_x = x_NI.new_empty(x_NI.shape) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w_EIO) if ctx.needs_input_grad[1] else None
+        start = 0
+        for expert, count in enumerate(ctx.counts):
+            if count:
+                rows = slice(start, start + count)
+                if grad_x is not None:
+                    torch.mm(grad_NO[rows], w_EIO[expert].t(), out=grad_x[rows])
+                if grad_w is not None:
+                    torch.mm(x_NI[rows].t(), grad_NO[rows], out=grad_w[expert])
+            start += count
+        return grad_x, grad_w, None
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """silu(a) * b * p per row, with x = [a | b]; saves only x and p (recomputes the rest).
+
+    Written with in-place ops and the input gradient assembled in one [N, 2F] buffer (no cat):
+    on CPU these elementwise passes are memory-bound, and each temporary [N, F] costs both time
+    and peak memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x_NF2, probs_N):
+        ctx.save_for_backward(x_NF2, probs_N)
+        a, b = x_NF2.chunk(2, dim=-1)
+        return F.silu(a).mul_(b).mul_(probs_N.unsqueeze(-1).to(x_NF2.dtype))
+
+    # Rows per backward chunk: the temporaries of a chunk stay cache-sized, and peak memory
+    # gains two [chunk, F] buffers instead of two [N, F] ones.
+    chunk_bytes = 1 << 18
+
+    @staticmethod
+    def backward(ctx, grad_NF):
+        x_NF2, probs_N = ctx.saved_tensors
+        grad_NF = grad_NF.contiguous()
+        grad_x = torch.empty_like(x_NF2)
+        grad_probs = torch.empty_like(probs_N) if ctx.needs_input_grad[1] else None
+        ffn = grad_NF.shape[1]
+        rows = max(16, _WeightedSwiGLU.chunk_bytes // max(1, ffn * grad_NF.element_size()))
+        for start in range(0, x_NF2.shape[0], rows):
+            chunk = slice(start, start + rows)
+            _swiglu_backward_rows(x_NF2[chunk], probs_N[chunk], grad_NF[chunk], grad_x[chunk],
+                                  None if grad_probs is None else grad_probs[chunk])
+        return grad_x, grad_probs
+
+
+def _swiglu_backward_rows(x_NF2, probs_N, grad_NF, grad_x_NF2, grad_probs_N) -> None:
+    """Writes d/dx and (if given) d/dp of silu(a) * b * p for a block of rows, in place."""
+    a, b = x_NF2.chunk(2, dim=-1)
+    grad_a, grad_b = grad_x_NF2.chunk(2, dim=-1)
+    probs_N1 = probs_N.unsqueeze(-1).to(grad_NF.dtype)
+    sig = torch.sigmoid(a)
+    silu = a * sig
+    if grad_probs_N is not None:
+        torch.mul(silu, b, out=grad_b)  # grad_b's slot as scratch for the unweighted activation
+        grad_probs_N.copy_(torch.linalg.vecdot(grad_NF, grad_b))
+    torch.mul(grad_NF, silu, out=grad_b).mul_(probs_N1)
+    # d silu(a) / da = sig + silu * (1 - sig), built in silu's buffer: two temporaries in all.
+    dsilu = silu.addcmul_(silu, sig, value=-1).add_(sig)
+    torch.mul(grad_NF, b, out=grad_a).mul_(dsilu).mul_(probs_N1)
+
+
+def grouped_mm_supported(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these: dtype, and 16-byte strides of both operands
+    and of the transposed operands its backward forms."""
+    if x_NI.dtype not in _GROUPED_MM_DTYPES or w_EIO.dtype != x_NI.dtype:
+        return False
+    size = x_NI.element_size()
+    return (x_NI.shape[1] * size) % 16 == 0 and (w_EIO.shape[2] * size) % 16 == 0
+
+
+class GroupedExperts(MegatronModule):
+    """Local experts with stacked weights; drop-in for megatron's SequentialMLP."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, submodules=None,
+                 pg_collection=None, *, use_grouped_mm: Optional[bool] = None):
+        super().__init__(config=config)
+        if (getattr(config, "expert_tensor_parallel_size", None) or config.tensor_model_parallel_size) > 1:
+            raise ValueError("GroupedExperts has no tensor parallelism: set expert_tensor_parallel_size=1")
+        if getattr(config, "moe_latent_size", None) is not None:
+            raise ValueError("GroupedExperts does not support moe_latent_size")
+        self.num_local_experts = num_local_experts
+        self.hidden_size = config.hidden_size
+        self.ffn_hidden_size = config.moe_ffn_hidden_size or config.ffn_hidden_size
+        self.gated = config.gated_linear_unit
+        self.activation_func = config.activation_func
+        # None: grouped_mm whenever the shapes allow it; False forces the loop (tests).
+        self.use_grouped_mm = use_grouped_mm
+        fc1_out = self.ffn_hidden_size * (2 if self.gated else 1)
+        device = (torch.device("cpu") if config.use_cpu_initialization or not torch.cuda.is_available()
+                  else torch.device("cuda", torch.cuda.current_device()))
+        dtype = config.params_dtype
+        self.fc1_weight = Parameter(torch.empty(num_local_experts, self.hidden_size, fc1_out, device=device, dtype=dtype))
+        self.fc2_weight = Parameter(torch.empty(num_local_experts, self.ffn_hidden_size, self.hidden_size,
+                                                device=device, dtype=dtype))
+        if config.add_bias_linear:
+            self.fc1_bias = Parameter(torch.zeros(num_local_experts, fc1_out, device=device, dtype=dtype))
+            self.fc2_bias = Parameter(torch.zeros(num_local_experts, self.hidden_size, device=device, dtype=dtype))
+        else:
+            self.fc1_bias = self.fc2_bias = None
+        if config.perform_initialization:
+            self._initialize(config)
+        # Groups for checkpoint sharding; None = megatron's global parallel_state groups.
+        self.ep_group = getattr(pg_collection, "ep", None)
+        self.expt_dp_group = getattr(pg_collection, "expt_dp", None)
+        ep_size = self.ep_group.size() if self.ep_group is not None else config.expert_model_parallel_size
+        for param in self.parameters():
+            # Megatron's rule for expert linear layers (tensor_parallel/layers.py): with EP > 1
+            # the grads are reduced over the expert-data-parallel group, not all data-parallel ranks.
+            param.allreduce = not ep_size > 1
+
+    @torch.no_grad()
+    def _initialize(self, config: TransformerConfig) -> None:
+        # Initialise each expert in megatron's [out, in] orientation, then store transposed, so
+        # fan-in/fan-out based init methods see the same shapes as in SequentialMLP.
+        for expert in range(self.num_local_experts):
+            fc1 = torch.empty(self.fc1_weight.shape[2], self.hidden_size, dtype=self.fc1_weight.dtype,
+                              device=self.fc1_weight.device)
+            config.init_method(fc1)
+            self.fc1_weight[expert].copy_(fc1.t())
+            fc2 = torch.empty(self.hidden_size, self.ffn_hidden_size, dtype=self.fc2_weight.dtype,
+                              device=self.fc2_weight.device)
+            config.output_layer_init_method(fc2)
+            self.fc2_weight[expert].copy_(fc2.t())
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Each stacked weight as a slice of the global [num_experts, ...] tensor (dim 0 split over
+        EP ranks), replicated over the expert-data-parallel group, so a checkpoint saved at one
+        EP size loads at another. (Not interchangeable with SequentialMLP's per-expert keys.)"""
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        ep_group = self.ep_group or parallel_state.get_expert_model_parallel_group()
+        expt_dp_group = self.expt_dp_group or parallel_state.get_expert_data_parallel_group()
+        expert_axis = len(sharded_offsets)  # after the axes the parent modules prepend (e.g. layers)
+        sharded = {}
+        for name, param in self._parameters.items():
+            if param is None:
+                continue
+            sharded[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
+                f"{prefix}{name}", param, *sharded_offsets, (expert_axis, ep_group.rank(), ep_group.size()),
+                replica_id=(0, 0, expt_dp_group.rank()), prepend_axis_num=len(sharded_offsets))
+        return sharded
+
+    @torch.no_grad()
+    def load_from_sequential_mlp(self, seq_mlp) -> "GroupedExperts":
+        """Copies the weights (and biases) of megatron's SequentialMLP with TP=1; returns self."""
+        if len(seq_mlp.local_experts) != self.num_local_experts:
+            raise ValueError(f"SequentialMLP has {len(seq_mlp.local_experts)} experts, expected {self.num_local_experts}")
+        for expert, mlp in enumerate(seq_mlp.local_experts):
+            self.fc1_weight[expert].copy_(mlp.linear_fc1.weight.t())
+            self.fc2_weight[expert].copy_(mlp.linear_fc2.weight.t())
+            if self.fc1_bias is not None:
+                self.fc1_bias[expert].copy_(mlp.linear_fc1.bias)
+                self.fc2_bias[expert].copy_(mlp.linear_fc2.bias)
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    def _matmul(self, x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int], offs) -> torch.Tensor:
+        use_grouped = self.use_grouped_mm
+        if use_grouped is None:
+            use_grouped = grouped_mm_supported(x_NI, w_EIO)
+        if use_grouped:
+            return torch._grouped_mm(x_NI, w_EIO, offs=offs)
+        return _LoopGroupedMM.apply(x_NI, w_EIO, counts)
+
+    def _activation(self, fc1_NF: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        clamp = getattr(config, "activation_func_clamp_value", None)
+        offset = getattr(config, "glu_linear_offset", 0.0)
+        if self.gated and self.activation_func is F.silu and clamp is None and not offset:
+            return _WeightedSwiGLU.apply(fc1_NF, probs_N)
+        if self.gated:
+            gate, linear = fc1_NF.chunk(2, dim=-1)
+            if clamp is not None:
+                gate, linear = gate.clamp(max=clamp), linear.clamp(min=-clamp, max=clamp)
+            act = self.activation_func(gate) * (linear + offset)
+        else:
+            act = self.activation_func(fc1_NF)
+        return (act * probs_N.unsqueeze(-1)).to(fc1_NF.dtype)
+
+    def forward(self, tokens_NH: torch.Tensor, tokens_per_expert, probs_N: torch.Tensor):
+        """tokens_NH sorted by local expert, tokens_per_expert its counts (tensor or list), probs_N
+        each row's gate. Returns (out_NH, None) with out = p * FFN_e(x) per row."""
+        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+        if len(counts) != self.num_local_experts or sum(counts) != tokens_NH.shape[0]:
+            raise ValueError(f"tokens_per_expert {counts} does not match {self.num_local_experts} experts "
+                             f"and {tokens_NH.shape[0]} rows")
+        tokens_NH = tokens_NH.contiguous()
+        device = tokens_NH.device
+        counts_host = torch.tensor(counts, dtype=torch.int64)
+        offs = host_to_device(counts_host.cumsum(0).to(torch.int32), device)
+        fc1_NF = self._matmul(tokens_NH, self.fc1_weight, counts, offs)
+        if self.fc1_bias is not None:
+            expert_N = torch.repeat_interleave(torch.arange(self.num_local_experts, device=device),
+                                               host_to_device(counts_host, device), output_size=len(tokens_NH))
+            fc1_NF = fc1_NF + self.fc1_bias.index_select(0, expert_N)
+        act_NF = self._activation(fc1_NF, probs_N)
+        out_NH = self._matmul(act_NF, self.fc2_weight, counts, offs)
+        if self.fc2_bias is not None:
+            # As megatron's expert MLP: the output bias is scaled by the gate too.
+            out_NH = out_NH + self.fc2_bias.index_select(0, expert_N) * probs_N.unsqueeze(-1).to(out_NH.dtype)
+        return out_NH, None

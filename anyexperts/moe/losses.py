@@ -1,0 +1,230 @@
+"""The AnyExperts auxiliary losses, their global-batch state, and bias balancing.
+
+Each loss has its coefficient in AnyExpertsConfig (0 switches it off) and is logged per
+layer (stats.py names load_balance_loss, budget_loss, z_loss; the logged value is the
+term without its coefficient). The layer adds coeff x term to the graph the way megatron
+does, with MoEAuxLossAutoScaler on the layer output: the trainer must call
+`MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1 / num_microbatches))` so that the aux
+gradients are scaled like the main loss.
+
+Terms (T tokens on this rank, E real experts, K_i slots, p = softmax over the real logits):
+- load balance over REAL experts only: E * sum_e f_e * P_e, f_e = expert e's share of all
+  real slots (selected, before capacity), P_e = mean p_e. The softmax is over the E real
+  logits only, so moving router mass to virtual entries cannot lower this term, and with
+  V = 0 it is megatron's switch loss. Scope `micro_batch`: f_e over this micro-batch of
+  this rank; `global_batch`: f_e summed over the data-parallel ranks (one all-reduce) and
+  accumulated over the micro-batches of the step so far ("Demons in the Detail", megatron's
+  global_aux_loss), P_e over the local tokens. Each rank's loss is E * sum f_e P_e^rank, so
+  after DDP averages the gradients over ranks they equal the gradient of the global-batch
+  loss E * sum f_e P_e^global (equal token counts per rank).
+- budget: holds the mean real experts per token at `budget_target`. Real slots are
+  R_i = K_i - virtual_i with K_i ~ k_min + w_i (k_max - k_min), so the term is
+  (mean_w - w_target)^2 with w_target = (budget_target + mean_virtual - k_min) / (k_max - k_min)
+  (mean_virtual measured, no gradient; clamped to [0, 1]) - the squared deviation of the
+  expected mean real activations, in units of (k_max - k_min). It only acts on w (K itself
+  is an integer). `budget_scope` micro_batch: means over this rank's micro-batch;
+  global_batch: over the data-parallel ranks and the micro-batches so far. The graph gets
+  the linearisation 2 (m - w_target) * mean_w^rank with m the scope's mean (no gradient):
+  its gradient is that of (m - w_target)^2 with respect to this rank's tokens, which keeps
+  the global variant exact across ranks at the price of one scalar in the all-reduce.
+  Off when k_min == k_max (w then sets nothing).
+- router z-loss: mean over tokens of logsumexp(all E + V logits)^2 (ST-MoE).
+
+With tensor/context parallel groups larger than 1 (tokens split across tp x cp ranks, as
+with sequence parallelism), counts are summed over that group and each rank's P, budget and
+z terms are divided by its size, as megatron's router does. Untested here (TP = CP = 1).
+
+Aux-loss-free balancing (DeepSeek-V3): the router counts real slots per expert; after each
+optimizer step the trainer calls update_selection_biases(model), which all-reduces the
+counts over the data-parallel group and applies b_e += rate * sign(mean load - load_e).
+
+Trainer API:
+    reset_global_batch_state(model)   at the start of every global batch (step)
+    update_selection_biases(model)    after every optimizer step (no-op without bias balancing)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from anyexperts.moe.config import AnyExpertsConfig
+from anyexperts.moe.router import count_per_expert
+
+
+def load_balance_loss(probs_real_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                      num_real_slots: torch.Tensor, *, num_tokens_in_scope: Union[int, torch.Tensor]) -> torch.Tensor:
+    """E * sum_e f_e * P_e with f_e = tokens_per_expert_E / num_real_slots (no gradient) and
+    P_e = sum of p_e over these tokens / num_tokens_in_scope."""
+    num_experts = probs_real_TE.shape[-1]
+    share_E = (tokens_per_expert_E / num_real_slots.clamp(min=1)).detach().to(probs_real_TE.dtype)
+    mean_prob_E = probs_real_TE.sum(0) / max(num_tokens_in_scope, 1)  # a rank may hold no tokens
+    return num_experts * torch.sum(share_E * mean_prob_E)
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def z_loss(logits_TX: torch.Tensor) -> torch.Tensor:
+    return torch.square(torch.logsumexp(_at_least_fp32(logits_TX), dim=-1)).sum() / max(logits_TX.shape[0], 1)
+
+
+def budget_target_importance(budget_target: float, mean_virtual: torch.Tensor, *, k_min: int, k_max: int) -> torch.Tensor:
+    """The mean w at which k_min + mean_w * span - mean_virtual equals budget_target."""
+    return ((budget_target + mean_virtual - k_min) / (k_max - k_min)).clamp(0.0, 1.0)
+
+
+@dataclass
+class AuxLosses:
+    attached: Optional[torch.Tensor]       # sum of coeff x (graph term), what the autoscaler carries
+    load_balance: Optional[torch.Tensor]   # logged values (no gradient), None when off
+    budget: Optional[torch.Tensor]
+    z: Optional[torch.Tensor]
+
+
+def _group_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+class AuxLossTerms(nn.Module):
+    """Computes the aux losses of one layer; holds its global-batch accumulators (not saved).
+
+    `scope_group` is the tensor x context parallel group (ranks that split one micro-batch's
+    tokens); `data_group` the tensor x data x context parallel group (every rank with tokens
+    of the global batch). None means a group of one.
+    """
+
+    def __init__(self, ae: AnyExpertsConfig, *, num_experts: int, scope_group=None, data_group=None,
+                 per_token_loss: bool = False) -> None:
+        super().__init__()
+        self.ae = ae
+        self.num_experts = num_experts
+        self.scope_group = scope_group
+        self.data_group = data_group
+        self.per_token_loss = per_token_loss
+        # [E counts, real slots, sum w, sum virtual, tokens] summed over ranks and micro-batches.
+        self.register_buffer("global_sums", torch.zeros(num_experts + 4, dtype=torch.float64), persistent=False)
+
+    @property
+    def uses_budget(self) -> bool:
+        ae = self.ae
+        return ae.budget_coeff > 0 and ae.budget_target is not None and ae.k_max > ae.k_min
+
+    @property
+    def enabled(self) -> bool:
+        return self.ae.load_balance_coeff > 0 or self.ae.z_loss_coeff > 0 or self.uses_budget
+
+    def reset_global_batch_state(self) -> None:
+        self.global_sums.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep the accumulators float64 through megatron's Float16Module (.bfloat16()).
+        super()._apply(fn, *args, **kwargs)
+        self.global_sums.data = self.global_sums.data.double()
+        return self
+
+    def _sums(self, real_expert_TK, importance_T, num_virtual_T) -> torch.Tensor:
+        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (which would sync).
+        num_tokens = torch.full((1,), float(importance_T.shape[0]), dtype=torch.float64, device=importance_T.device)
+        counts_E = count_per_expert(real_expert_TK, num_experts=self.num_experts, dtype=torch.float64)
+        return torch.cat([counts_E, counts_E.sum().view(1), importance_T.detach().double().sum().view(1),
+                          num_virtual_T.double().sum().view(1), num_tokens])
+
+    def forward(self, *, logits_TX: torch.Tensor, real_expert_TK: torch.Tensor, importance_T: torch.Tensor,
+                num_virtual_T: torch.Tensor) -> AuxLosses:
+        ae, num_experts = self.ae, self.num_experts
+        num_local_tokens = importance_T.shape[0]
+        scope_size = _group_size(self.scope_group)
+        with torch.no_grad():
+            local_sums = self._sums(real_expert_TK, importance_T, num_virtual_T)
+            micro_sums = local_sums
+            if scope_size > 1:
+                micro_sums = local_sums.clone()
+                dist.all_reduce(micro_sums, group=self.scope_group)
+            needs_global = ((ae.load_balance_coeff > 0 and ae.load_balance_scope == "global_batch")
+                            or (self.uses_budget and ae.budget_scope == "global_batch"))
+            if needs_global:
+                step_sums = local_sums.clone()
+                if _group_size(self.data_group) > 1:
+                    dist.all_reduce(step_sums, group=self.data_group)
+                self.global_sums += step_sums
+
+        terms, logged = [], {}
+        if ae.load_balance_coeff > 0:
+            sums = self.global_sums if ae.load_balance_scope == "global_batch" else micro_sums
+            probs_real_TE = torch.softmax(_at_least_fp32(logits_TX[:, :num_experts]), dim=-1)
+            value = load_balance_loss(probs_real_TE, sums[:num_experts], sums[num_experts],
+                                      num_tokens_in_scope=num_local_tokens * scope_size)
+            terms.append(ae.load_balance_coeff * value)
+            logged["load_balance"] = value.detach() * scope_size
+        if self.uses_budget:
+            sums = self.global_sums if ae.budget_scope == "global_batch" else micro_sums
+            num_tokens = sums[num_experts + 3].clamp(min=1)
+            dtype = importance_T.dtype  # float32, or float64 in float64 models
+            mean_importance = (sums[num_experts + 1] / num_tokens).to(dtype)
+            target = budget_target_importance(ae.budget_target, (sums[num_experts + 2] / num_tokens).to(dtype),
+                                              k_min=ae.k_min, k_max=ae.k_max)
+            deviation = mean_importance - target
+            local_mean_importance = importance_T.sum() / max(num_local_tokens * scope_size, 1)
+            terms.append(ae.budget_coeff * 2.0 * deviation * local_mean_importance)
+            logged["budget"] = deviation.square()
+        if ae.z_loss_coeff > 0:
+            value = z_loss(logits_TX) / scope_size
+            terms.append(ae.z_loss_coeff * value)
+            logged["z"] = value.detach() * scope_size
+        attached = None
+        if terms:
+            attached = sum(terms[1:], terms[0])
+            if self.per_token_loss:
+                # megatron's calculate_per_token_loss divides all gradients by the token count later.
+                attached = attached * num_local_tokens
+        return AuxLosses(attached=attached, load_balance=logged.get("load_balance"), budget=logged.get("budget"),
+                         z=logged.get("z"))
+
+
+# ------------------------------------------------------------------------------------
+# Trainer API
+
+def _modules(model) -> Iterable[nn.Module]:
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        yield from chunk.modules()
+
+
+def reset_global_batch_state(model) -> None:
+    """Zeroes every AnyExperts layer's global-batch accumulators; call before each step's
+    first micro-batch (model: a module or a list of megatron model chunks)."""
+    for module in _modules(model):
+        if isinstance(module, AuxLossTerms):
+            module.reset_global_batch_state()
+
+
+@torch.no_grad()
+def update_selection_biases(model, group=None) -> None:
+    """DeepSeek-V3 bias update of every router with bias_update_rate > 0, then zeroes its
+    counts: b_e += rate * sign(mean load - load_e), loads summed over `group` (default: the
+    tensor x data x context parallel group of megatron's parallel_state) in one all-reduce."""
+    from anyexperts.moe.router import AnyExpertsRouter
+
+    routers = [m for m in _modules(model) if isinstance(m, AnyExpertsRouter) and m.bias_balancing]
+    if not routers:
+        return
+    if group is None and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    loads_LE = torch.stack([r.bias_tokens_per_expert for r in routers])
+    if _group_size(group) > 1:
+        dist.all_reduce(loads_LE, group=group)
+    offset_LE = loads_LE.mean(dim=-1, keepdim=True) - loads_LE
+    for router, offset_E in zip(routers, offset_LE):
+        router.selection_bias += router.ae.bias_update_rate * torch.sign(offset_E)
+        router.bias_tokens_per_expert.zero_()

@@ -1,0 +1,194 @@
+"""Step 2 of the AnyExperts layer: slots per token, real + virtual selection, gates.
+
+    router = AnyExpertsRouter(config, anyexperts_config=ae_cfg)   # config: TransformerConfig
+    routing = router(hidden_TH, importance_T)
+    routing.real_expert_TK   # int64 [T, k_max]: global real expert per slot, -1 elsewhere
+    routing.gate_TK          # [T, k_max] gates (0 on unused slots)
+
+One linear layer gives logits over the E real experts and the V virtual ones (rows E..E+V-1
+of the weight; AdaMoE's "null experts"). For token i with K_i = k_min + round(w_i *
+(k_max - k_min)) slots (importance.py), the router takes the top K_i entries with at most
+floor(rho_max * K_i) virtual ones: a virtual entry ranked past that cap is skipped and the
+next-best entry takes its place, so the excess is filled by real experts.
+
+Vectorised, no loop over tokens: one `topk` over k_max + V candidates (enough: at most V
+candidates are ever skipped), then a cumulative count of virtual candidates decides which
+are allowed, and a cumulative count of allowed ones decides which fit in K_i. Slot order
+is rank order, so with V = 0 and k_min = k_max = k this is torch.topk(logits, k) exactly
+as megatron's TopKRouter does it.
+
+Gates are exp(logit - logsumexp over the normalisation set): over every selected entry
+(gate_norm="all", virtual entries dilute the real output) or over the selected real ones
+only (gate_norm="real"; virtual gates then use the same denominator, so real gates sum to
+1 and virtual gates come on top). This equals megatron's softmax over the top-k logits.
+
+Aux-loss-free balancing (DeepSeek-V3): a per-expert `selection_bias` is added to the real
+logits for the selection only, never to the gates; losses.update_selection_biases() moves
+it after each optimizer step from the loads counted here in `bias_tokens_per_expert`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.router import Router
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from anyexperts.moe.config import AnyExpertsConfig
+from anyexperts.moe.importance import num_slots_from_importance
+
+
+@dataclass
+class Routing:
+    """Everything the router decided for T tokens (K = k_max slot columns)."""
+
+    logits_TX: torch.Tensor          # router logits over E real + V virtual entries
+    num_slots_T: torch.Tensor        # int64 K_i
+    entry_TK: torch.Tensor           # int64 selected entry ids in rank order, -1 on unused slots
+    gate_TK: torch.Tensor            # gates, 0 on unused slots
+    is_virtual_TK: torch.Tensor      # bool
+    real_expert_TK: torch.Tensor     # int64 entry id on real slots, -1 on virtual/unused ones
+
+    @property
+    def num_real_T(self) -> torch.Tensor:
+        return (self.real_expert_TK >= 0).sum(-1)
+
+    @property
+    def num_virtual_T(self) -> torch.Tensor:
+        return self.is_virtual_TK.sum(-1)
+
+
+def count_per_expert(expert_TK: torch.Tensor, *, num_experts: int, dtype=torch.float32) -> torch.Tensor:
+    """Slots per expert [E] of an id tensor with -1 for "no expert"; no host sync (no bincount)."""
+    shifted_N = (expert_TK.reshape(-1) + 1).clamp(min=0)
+    counts = torch.zeros(num_experts + 1, dtype=dtype, device=expert_TK.device)
+    counts.scatter_add_(0, shifted_N, torch.ones_like(shifted_N, dtype=dtype))
+    return counts[1:]
+
+
+def max_virtual_table(*, rho_max: float, k_max: int, device=None) -> torch.Tensor:
+    """int64 [k_max + 1]: entry K is floor(rho_max * K), as AnyExpertsConfig.validate computes it."""
+    return torch.tensor([math.floor(rho_max * k) for k in range(k_max + 1)], dtype=torch.int64, device=device)
+
+
+def select_slots(selection_scores_TX: torch.Tensor, num_slots_T: torch.Tensor, max_virtual_T: torch.Tensor,
+                 *, num_experts: int, k_max: int) -> torch.Tensor:
+    """Entry ids [T, k_max] (int64, rank order, -1 past K_i) of the top K_i entries with at
+    most max_virtual_T[i] virtual ones (ids >= num_experts).
+
+    Needs at least K_i - max_virtual_T[i] real entries (AnyExpertsConfig.validate checks it).
+    """
+    num_tokens, num_entries = selection_scores_TX.shape
+    num_virtual = num_entries - num_experts
+    num_candidates = min(num_entries, k_max + num_virtual)
+    _, candidate_TC = selection_scores_TX.topk(num_candidates, dim=-1, sorted=True)
+    is_virtual_TC = candidate_TC >= num_experts
+    if num_virtual > 0:
+        # The j-th virtual candidate (1-based) is allowed while j <= the token's cap.
+        allowed_TC = ~is_virtual_TC | (is_virtual_TC.cumsum(-1) <= max_virtual_T.unsqueeze(-1))
+    else:
+        allowed_TC = torch.ones_like(is_virtual_TC)
+    accepted_rank_TC = allowed_TC.cumsum(-1)  # 1-based slot of an allowed candidate
+    selected_TC = allowed_TC & (accepted_rank_TC <= num_slots_T.unsqueeze(-1))
+    # Unselected candidates go to a spare column k_max that is cut off afterwards.
+    slot_TC = torch.where(selected_TC, accepted_rank_TC - 1, torch.full_like(accepted_rank_TC, k_max))
+    value_TC = torch.where(selected_TC, candidate_TC, torch.full_like(candidate_TC, -1))
+    entry_TK = torch.full((num_tokens, k_max + 1), -1, dtype=torch.int64, device=candidate_TC.device)
+    entry_TK.scatter_(1, slot_TC, value_TC)
+    return entry_TK[:, :k_max].contiguous()
+
+
+def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_experts: int,
+                  gate_norm: str) -> torch.Tensor:
+    """gate = exp(logit - logsumexp(logits of the normalisation set)); 0 on unused slots."""
+    is_used_TK = entry_TK >= 0
+    logit_TK = logits_TX.gather(1, entry_TK.clamp(min=0))
+    if gate_norm == "real":
+        in_norm_TK = is_used_TK & (entry_TK < num_experts)
+    else:
+        in_norm_TK = is_used_TK
+    masked_TK = logit_TK.masked_fill(~in_norm_TK, float("-inf"))
+    log_norm_T = torch.logsumexp(masked_TK, dim=-1, keepdim=True)
+    gate_TK = torch.exp(logit_TK - log_norm_T)
+    return gate_TK.masked_fill(~is_used_TK, 0.0)
+
+
+class AnyExpertsRouter(Router):
+    """Logits over E + V entries, variable-K selection with a virtual cap, gates.
+
+    A megatron-core `Router` (so `weight` is a float32-created parameter initialised by
+    config.init_method and marked sequence_parallel like megatron's router), with
+    E + V rows instead of E.
+    """
+
+    def __init__(self, config: TransformerConfig, pg_collection=None, *,
+                 anyexperts_config: AnyExpertsConfig) -> None:
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.ae = anyexperts_config
+        self.num_virtual_experts = anyexperts_config.num_virtual_experts
+        num_entries = self.num_experts + self.num_virtual_experts
+        self.weight = torch.nn.Parameter(torch.empty((num_entries, config.hidden_size), dtype=torch.float32))
+        if self.bias is not None:
+            self.bias = torch.nn.Parameter(torch.empty((num_entries,), dtype=torch.float32))
+        self.reset_parameters()
+        self.register_buffer("max_virtual_by_k", max_virtual_table(rho_max=self.ae.rho_max, k_max=self.ae.k_max),
+                             persistent=False)
+        # Selection-only bias of the real entries (aux-loss-free balancing); saved with the model.
+        self.register_buffer("selection_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        # Real slots per expert since the last bias update (this rank's tokens).
+        self.register_buffer("bias_tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32),
+                             persistent=False)
+
+    @property
+    def bias_balancing(self) -> bool:
+        return self.ae.bias_update_rate > 0
+
+    def route(self, logits_TX: torch.Tensor, importance_T: torch.Tensor) -> Routing:
+        """The routing decision for given logits and importance (no parameters involved)."""
+        ae = self.ae
+        num_slots_T = num_slots_from_importance(importance_T, k_min=ae.k_min, k_max=ae.k_max)
+        max_virtual_T = self.max_virtual_by_k.to(num_slots_T.device)[num_slots_T]
+        with torch.no_grad():
+            scores_TX = logits_TX.detach()
+            if self.bias_balancing:
+                bias_X = torch.cat([self.selection_bias, self.selection_bias.new_zeros(self.num_virtual_experts)])
+                scores_TX = scores_TX + bias_X  # float32 bias: promotes bf16 logits, keeps float64 ones
+            entry_TK = select_slots(scores_TX, num_slots_T, max_virtual_T, num_experts=self.num_experts,
+                                    k_max=ae.k_max)
+        gate_TK = compute_gates(logits_TX, entry_TK, num_experts=self.num_experts, gate_norm=ae.gate_norm)
+        is_virtual_TK = entry_TK >= self.num_experts
+        real_expert_TK = entry_TK.masked_fill(is_virtual_TK, -1)
+        return Routing(logits_TX=logits_TX, num_slots_T=num_slots_T, entry_TK=entry_TK, gate_TK=gate_TK,
+                       is_virtual_TK=is_virtual_TK, real_expert_TK=real_expert_TK)
+
+    def routing(self, logits: torch.Tensor):  # megatron's abstract hook; the importance is needed too
+        raise NotImplementedError("AnyExpertsRouter routes with route(logits_TX, importance_T)")
+
+    def forward(self, hidden_TH: torch.Tensor, importance_T: torch.Tensor) -> Routing:
+        hidden_TH = hidden_TH.reshape(-1, hidden_TH.shape[-1])
+        if hidden_TH.shape[0] == 0:
+            # megatron's router_gating_linear cannot view an empty output; no tokens, no logits.
+            logits_TX = hidden_TH.new_zeros((0, self.weight.shape[0])) + self.weight.sum() * 0
+        else:
+            logits_TX = self.gating(hidden_TH)
+        routing = self.route(logits_TX, importance_T)
+        if self.bias_balancing and self.training and torch.is_grad_enabled():
+            self.count_for_bias_update(routing.real_expert_TK)
+        return routing
+
+    @torch.no_grad()
+    def count_for_bias_update(self, real_expert_TK: torch.Tensor) -> None:
+        self.bias_tokens_per_expert += count_per_expert(real_expert_TK, num_experts=self.num_experts)
+
+    def _apply(self, fn, *args, **kwargs):
+        # megatron's Float16Module calls .bfloat16() on the model: the bias and the load counts
+        # must stay float32 (a bf16 count is exact only to 256, a bf16 bias swallows small steps).
+        super()._apply(fn, *args, **kwargs)
+        self.selection_bias.data = self.selection_bias.data.float()
+        self.bias_tokens_per_expert.data = self.bias_tokens_per_expert.data.float()
+        return self

@@ -1,0 +1,314 @@
+"""Unit and property tests of the AnyExperts routing steps, in one process (no spawn).
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_anyexperts_router.py -q
+
+Covers importance -> K, the real/virtual selection with its cap (against a per-token
+reference loop), gates, capacity with importance-aware dropping, the aux losses (against
+megatron's own loss functions where they coincide), bias balancing, the stats sink, and
+AnyExpertsConfig's ValueErrors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from anyexperts.moe.capacity import apply_capacity, expert_capacity
+from anyexperts.moe.config import AnyExpertsConfig
+from anyexperts.moe.importance import ImportancePredictor, num_slots_from_importance
+from anyexperts.moe.losses import (AuxLossTerms, budget_target_importance, load_balance_loss,
+                                   reset_global_batch_state, z_loss)
+from anyexperts.moe.router import compute_gates, count_per_expert, max_virtual_table, select_slots
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def routing_cases(draw):
+    """A valid AnyExpertsConfig's routing knobs plus random logits and importance."""
+    num_experts = draw(st.integers(1, 8))
+    num_virtual = draw(st.integers(0, 3))
+    rho_max = 0.0 if num_virtual == 0 else draw(st.sampled_from([0.0, 0.1, 0.25, 0.34, 0.5, 0.75, 0.99]))
+    k_min = draw(st.integers(1, 4))
+    k_max = draw(st.integers(k_min, 7))
+    cfg = AnyExpertsConfig(k_min=k_min, k_max=k_max, num_virtual_experts=num_virtual, rho_max=rho_max)
+    try:
+        cfg.validate(num_experts=num_experts)
+    except ValueError:
+        assume(False)
+    num_tokens = draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts + num_virtual, generator=gen, dtype=torch.float64) * 3
+    importance = torch.rand(num_tokens, generator=gen, dtype=torch.float64)
+    # Hit the ends exactly as well.
+    importance[0] = draw(st.sampled_from([0.0, 1.0, 0.5, float(importance[0])]))
+    gate_norm = draw(st.sampled_from(["all", "real"]))
+    return cfg, num_experts, logits, importance, gate_norm
+
+
+def route(cfg, num_experts, logits, importance):
+    num_slots = num_slots_from_importance(importance, k_min=cfg.k_min, k_max=cfg.k_max)
+    max_virtual = max_virtual_table(rho_max=cfg.rho_max, k_max=cfg.k_max)[num_slots]
+    entries = select_slots(logits, num_slots, max_virtual, num_experts=num_experts, k_max=cfg.k_max)
+    return num_slots, max_virtual, entries
+
+
+def reference_selection(scores, num_slots: int, max_virtual: int, num_experts: int) -> list[int]:
+    """Greedy per-token loop: walk entries best first, skip virtual ones past the cap."""
+    chosen, num_virtual = [], 0
+    for entry in torch.argsort(scores, descending=True, stable=True).tolist():
+        if len(chosen) == num_slots:
+            break
+        if entry >= num_experts:
+            if num_virtual == max_virtual:
+                continue
+            num_virtual += 1
+        chosen.append(entry)
+    return chosen
+
+
+@SETTINGS
+@given(routing_cases())
+def test_selection_invariants_and_reference(case):
+    cfg, num_experts, logits, importance, _ = case
+    num_slots, max_virtual, entries = route(cfg, num_experts, logits, importance)
+    assert entries.shape == (logits.shape[0], cfg.k_max)
+    assert ((num_slots >= cfg.k_min) & (num_slots <= cfg.k_max)).all()
+    assert (num_slots[importance == 0] == cfg.k_min).all() and (num_slots[importance == 1] == cfg.k_max).all()
+    used = entries >= 0
+    assert torch.equal(used.sum(-1), num_slots)
+    # Used slots come first, in rank order.
+    assert torch.equal(used, torch.arange(cfg.k_max).expand_as(used) < num_slots.unsqueeze(-1))
+    virtual = entries >= num_experts
+    for t in range(logits.shape[0]):
+        k = int(num_slots[t])
+        assert int(virtual[t].sum()) <= math.floor(cfg.rho_max * k)
+        assert len(set(entries[t, :k].tolist())) == k, "an entry selected twice"
+        assert entries[t, :k].tolist() == reference_selection(logits[t], k, int(max_virtual[t]), num_experts)
+
+
+@SETTINGS
+@given(routing_cases())
+def test_gates_normalised_over_the_chosen_set(case):
+    cfg, num_experts, logits, importance, gate_norm = case
+    _, _, entries = route(cfg, num_experts, logits, importance)
+    logits = logits.clone().requires_grad_(True)
+    gates = compute_gates(logits, entries, num_experts=num_experts, gate_norm=gate_norm)
+    used, real = entries >= 0, (entries >= 0) & (entries < num_experts)
+    assert (gates >= 0).all() and (gates[~used] == 0).all()
+    norm_set = real if gate_norm == "real" else used
+    torch.testing.assert_close(gates.masked_fill(~norm_set, 0).sum(-1), torch.ones(len(gates), dtype=gates.dtype))
+    # Ratios of gates are ratios of the softmax probabilities.
+    probs = torch.softmax(logits.detach(), dim=-1)
+    p_sel = probs.gather(1, entries.clamp(min=0)).masked_fill(~used, 0)
+    expected = p_sel / p_sel.masked_fill(~norm_set, 0).sum(-1, keepdim=True)
+    torch.testing.assert_close(gates.detach(), expected)
+    gates.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_zero_importance_gets_k_min_and_one_gets_k_max():
+    importance = torch.tensor([0.0, 1.0, 0.49, 0.51, 0.25])
+    assert num_slots_from_importance(importance, k_min=2, k_max=6).tolist() == [2, 6, 4, 4, 3]
+    assert num_slots_from_importance(importance, k_min=3, k_max=3).tolist() == [3] * 5
+
+
+def test_excess_virtual_picks_are_replaced_by_next_best_real():
+    # E = 3 real (ids 0..2), V = 2 virtual (ids 3, 4); the two virtual entries rank first.
+    logits = torch.tensor([[1.0, 0.5, 0.1, 5.0, 4.0]])
+    entries = select_slots(logits, torch.tensor([3]), torch.tensor([1]), num_experts=3, k_max=3)
+    assert entries.tolist() == [[3, 0, 1]]  # one virtual allowed, then the best two real
+    entries = select_slots(logits, torch.tensor([3]), torch.tensor([0]), num_experts=3, k_max=3)
+    assert entries.tolist() == [[0, 1, 2]]
+
+
+def test_importance_predictor_range_and_gradient():
+    torch.manual_seed(0)
+    predictor = ImportancePredictor(hidden_size=8, importance_hidden_size=4,
+                                    init_method=lambda w: torch.nn.init.normal_(w, std=0.5))
+    hidden = torch.randn(6, 8)
+    w = predictor(hidden)
+    assert w.shape == (6,) and w.dtype == torch.float32 and ((w > 0) & (w < 1)).all()
+    w.sum().backward()
+    assert predictor.fc1.weight.grad.abs().sum() > 0
+
+
+@SETTINGS
+@given(routing_cases(), st.sampled_from([0.05, 0.5, 1.0, 1.5]))
+def test_capacity_drops_least_important_and_loses_nothing_silently(case, capacity_factor):
+    cfg, num_experts, logits, importance, _ = case
+    _, _, entries = route(cfg, num_experts, logits, importance)
+    real = entries.masked_fill(entries >= num_experts, -1)
+    plan = apply_capacity(real, importance, num_experts=num_experts, capacity_factor=capacity_factor)
+    num_real = int((real >= 0).sum())
+    kept = plan.expert_TK >= 0
+    assert int(kept.sum()) + int(plan.num_dropped) == num_real
+    assert not (kept & plan.dropped_TK).any()
+    assert ((plan.expert_TK < num_experts)).all(), "a virtual id reached the dispatch ids"
+    assert torch.equal(plan.expert_TK[kept], real[kept])
+    capacity = math.ceil(capacity_factor * num_real / num_experts)
+    assert int(plan.capacity) == capacity
+    kept_counts = count_per_expert(plan.expert_TK, num_experts=num_experts)
+    assert (kept_counts <= capacity).all()
+    token_importance = importance.unsqueeze(-1).expand_as(real)
+    for expert in range(num_experts):
+        dropped_w = token_importance[plan.dropped_TK & (real == expert)]
+        kept_w = token_importance[kept & (real == expert)]
+        if len(dropped_w):
+            assert int(kept_counts[expert]) == capacity, "dropped below capacity"
+            assert kept_w.min() >= dropped_w.max(), "a more important token was dropped"
+
+
+def test_capacity_none_and_tie_break_by_token_order():
+    real = torch.tensor([[0, -1], [0, 1], [0, -1]])
+    plan = apply_capacity(real, torch.rand(3), num_experts=2, capacity_factor=None)
+    assert plan.capacity is None and int(plan.num_dropped) == 0 and torch.equal(plan.expert_TK, real)
+    # 4 real slots over 2 experts, factor 0.5 -> capacity 1; equal importance keeps token 0.
+    plan = apply_capacity(real, torch.full((3,), 0.5), num_experts=2, capacity_factor=0.5)
+    assert plan.expert_TK.tolist() == [[0, -1], [-1, 1], [-1, -1]]
+    assert int(expert_capacity(torch.tensor(4), num_experts=2, capacity_factor=0.5)) == 1
+
+
+@SETTINGS
+@given(routing_cases())
+def test_virtual_slots_never_reach_the_dispatcher(case):
+    from anyexperts.moe.dispatcher import VariableSlotAllToAll
+
+    cfg, num_experts, logits, importance, gate_norm = case
+    _, _, entries = route(cfg, num_experts, logits, importance)
+    real = entries.masked_fill(entries >= num_experts, -1)
+    gates = compute_gates(logits, entries, num_experts=num_experts, gate_norm=gate_norm)
+    hidden = torch.randn(len(entries), 4, dtype=torch.float64)
+    dispatcher = VariableSlotAllToAll(num_experts=num_experts, ep_group=None)
+    rows, tokens_per_expert, probs = dispatcher.dispatch(hidden, real, gates)
+    assert int(tokens_per_expert.sum()) == int((real >= 0).sum()) == len(rows)
+    assert torch.equal(tokens_per_expert, count_per_expert(real, num_experts=num_experts, dtype=torch.int64))
+    # The rows are exactly the real slots' gates: no virtual gate travelled.
+    torch.testing.assert_close(probs.sort().values, gates[real >= 0].sort().values)
+
+
+# ------------------------------------------------------------------------------------ losses
+
+def test_load_balance_and_z_loss_match_megatron_with_fixed_k():
+    from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func, z_loss_func
+
+    torch.manual_seed(1)
+    num_tokens, num_experts, topk = 10, 6, 2
+    logits = torch.randn(num_tokens, num_experts, dtype=torch.float64)
+    entries = logits.topk(topk, dim=-1).indices
+    counts = count_per_expert(entries, num_experts=num_experts, dtype=torch.float64)
+    probs = torch.softmax(logits, dim=-1)
+    ours = load_balance_loss(probs, counts, counts.sum(), num_tokens_in_scope=num_tokens)
+    theirs = switch_load_balancing_loss_func(probs, counts, num_tokens, topk, num_experts, 1.0)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(z_loss(logits), z_loss_func(logits, 1.0))
+    # Perfect balance gives exactly 1.
+    uniform = torch.full((num_tokens, num_experts), 1.0 / num_experts, dtype=torch.float64)
+    flat = torch.full((num_experts,), 5.0, dtype=torch.float64)
+    torch.testing.assert_close(load_balance_loss(uniform, flat, flat.sum(), num_tokens_in_scope=num_tokens),
+                               torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_budget_target_compensates_virtual_slots():
+    # k in [2, 6], target 3.6 real per token, 0.4 virtual per token -> mean K must be 4.0.
+    target = budget_target_importance(3.6, torch.tensor(0.4), k_min=2, k_max=6)
+    torch.testing.assert_close(target, torch.tensor(0.5))
+    assert float(budget_target_importance(10.0, torch.tensor(0.0), k_min=2, k_max=6)) == 1.0
+
+
+def _aux_inputs(seed, num_tokens=8, num_experts=4, k=2):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts + 1, generator=gen, requires_grad=True)
+    importance = torch.rand(num_tokens, generator=gen).requires_grad_(True)
+    real = logits.detach()[:, :num_experts].topk(k, dim=-1).indices
+    num_virtual = torch.randint(0, 2, (num_tokens,), generator=gen)
+    return dict(logits_TX=logits, real_expert_TK=real, importance_T=importance, num_virtual_T=num_virtual)
+
+
+def test_aux_loss_terms_micro_batch_values_and_budget_gradient():
+    cfg = AnyExpertsConfig(k_min=1, k_max=3, budget_target=2.0, budget_coeff=1.0, z_loss_coeff=0.5,
+                           load_balance_coeff=0.25)
+    terms = AuxLossTerms(cfg, num_experts=4)
+    inputs = _aux_inputs(0)
+    aux = terms(**inputs)
+    logits, importance = inputs["logits_TX"], inputs["importance_T"]
+    counts = count_per_expert(inputs["real_expert_TK"], num_experts=4)
+    expected_lb = load_balance_loss(torch.softmax(logits[:, :4], -1), counts, counts.sum(), num_tokens_in_scope=8)
+    torch.testing.assert_close(aux.load_balance, expected_lb.detach())
+    torch.testing.assert_close(aux.z, z_loss(logits).detach())
+    w_target = (2.0 + inputs["num_virtual_T"].float().mean() - 1) / 2
+    torch.testing.assert_close(aux.budget, (importance.detach().mean() - w_target) ** 2)
+    # The attached linearised budget term has the gradient of (mean_w - w_target)^2.
+    aux.attached.backward()
+    expected_grad = 2 * (importance.detach().mean() - w_target) / 8
+    torch.testing.assert_close(importance.grad, torch.full((8,), float(expected_grad)))
+
+
+def test_global_batch_scope_accumulates_over_micro_batches_until_reset():
+    cfg = AnyExpertsConfig(k_min=2, k_max=2, load_balance_scope="global_batch", z_loss_coeff=0.0,
+                           budget_coeff=0.0)
+    layer = torch.nn.Module()
+    layer.aux = AuxLossTerms(cfg, num_experts=4)
+    first, second = _aux_inputs(1), _aux_inputs(2)
+    layer.aux(**first)
+    aux = layer.aux(**second)
+    counts = sum(count_per_expert(x["real_expert_TK"], num_experts=4) for x in (first, second))
+    probs = torch.softmax(second["logits_TX"][:, :4], -1)
+    torch.testing.assert_close(aux.load_balance,
+                               load_balance_loss(probs, counts, counts.sum(), num_tokens_in_scope=8).detach())
+    reset_global_batch_state(layer)
+    aux = layer.aux(**second)
+    counts = count_per_expert(second["real_expert_TK"], num_experts=4)
+    torch.testing.assert_close(aux.load_balance,
+                               load_balance_loss(probs, counts, counts.sum(), num_tokens_in_scope=8).detach())
+
+
+# ------------------------------------------------------------------------------------ stats
+
+def test_stats_sink_mean_sum_and_reset():
+    from anyexperts.moe.stats import StatsSink
+
+    sink = StatsSink()
+    sink.record(1, "importance_mean", torch.tensor(0.2))
+    sink.record(1, "importance_mean", torch.tensor(0.4))
+    sink.record(2, "importance_mean", torch.tensor(1.0))
+    sink.record(1, "k_histogram", torch.tensor([1.0, 2.0]), reduction="sum")
+    sink.record(1, "k_histogram", torch.tensor([3.0, 0.0]), reduction="sum")
+    sink.record(1, "tokens_per_expert", torch.tensor([2.0, 6.0]))
+    out = sink.collect()
+    torch.testing.assert_close(out["importance_mean"][1], torch.tensor(0.3))
+    torch.testing.assert_close(out["importance_mean"][2], torch.tensor(1.0))
+    torch.testing.assert_close(out["k_histogram"][1], torch.tensor([4.0, 2.0]))
+    torch.testing.assert_close(out["load_imbalance_global"][1], torch.tensor(1.5))
+    with pytest.raises(ValueError, match="reduction"):
+        sink.record(1, "x", torch.tensor(1.0), reduction="max")
+    sink.reset()
+    assert sink.collect() == {}
+
+
+# ------------------------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(k_min=3, k_max=2), "k_min"),
+    (dict(k_min=0, k_max=2), "k_min"),
+    (dict(rho_max=1.0), "rho_max"),
+    (dict(rho_max=-0.1), "rho_max"),
+    (dict(k_min=2, k_max=4, budget_target=1.5), "budget_target"),
+    (dict(k_min=2, k_max=4, budget_target=4.5), "budget_target"),
+    (dict(num_virtual_experts=0, rho_max=0.25), "num_virtual_experts"),
+    (dict(budget_scope="step"), "budget_scope"),
+    (dict(gate_norm="virtual"), "gate_norm"),
+    (dict(virtual_kind="noise"), "virtual_kind"),
+])
+def test_bad_configs_raise_value_error_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^moe\.anyexperts\.{field}="):
+        AnyExpertsConfig(**kwargs).validate(num_experts=8, prefix="moe.anyexperts.")
+
+
+def test_reduction_config_is_valid_with_no_virtual_experts():
+    AnyExpertsConfig(k_min=2, k_max=2, num_virtual_experts=0, rho_max=0.0).validate(num_experts=4)
