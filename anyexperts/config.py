@@ -100,6 +100,9 @@ class TrainerConfig:
     eval_iters: int = 4
     precision: str = "auto"  # auto (bf16 with CUDA, else fp32) | fp32 | bf16
     deterministic: bool = True
+    # Every this many steps (0 = never), dump the routing of the first validation micro-batch
+    # (per-token importance, K, chosen experts) to <run_dir>/routing_traces/ (AnyExperts layers).
+    routing_trace_interval: int = 0
     # --- checkpoint / preemption (issue 5; anyexperts/training/checkpoint.py, signals.py) ---
     # After a stop signal (SIGTERM/SIGUSR1/SIGINT) and its checkpoint, rank 0 runs
     # `scontrol requeue $SLURM_JOB_ID` (when SLURM_JOB_ID is set).
@@ -266,6 +269,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _positive("trainer.global_batch_size", tr.global_batch_size)
     _positive("trainer.eval_interval", tr.eval_interval)
     _positive("trainer.eval_iters", tr.eval_iters)
+    _positive("trainer.routing_trace_interval", tr.routing_trace_interval, allow_zero=True)
+    if tr.routing_trace_interval and tr.routing_trace_interval % tr.eval_interval:
+        raise ValueError(
+            f"trainer.routing_trace_interval={tr.routing_trace_interval} must be a multiple of "
+            f"trainer.eval_interval={tr.eval_interval}: traces are taken on validation steps")
     _choice("trainer.precision", tr.precision, ("auto", "fp32", "bf16"))
     if tr.global_batch_size % (tr.micro_batch_size * data_parallel):
         raise ValueError(

@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = ["experiment=shakespeare_cpu", "model.num_layers=2", "model.hidden_size=64",
           "model.num_attention_heads=4", "moe.expert_ffn_hidden_size=64", "model.seq_length=64",
           "trainer.eval_interval=4", "trainer.eval_iters=1", "logging.log_interval=1",
-          "logging.tensorboard=false", "optim.warmup_steps=2"]
+          "logging.tensorboard=false", "optim.warmup_steps=2", "checkpoint.save_at_end=false"]
+ANYEXPERTS = ["moe=anyexperts", "moe.anyexperts.k_min=1", "moe.anyexperts.k_max=3",
+              "moe.anyexperts.budget_target=1.5", "trainer.routing_trace_interval=4"]
 
 
 def _env() -> dict:
@@ -48,6 +50,18 @@ def runs(tmp_path_factory):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "launcher.train", *COMMON, "trainer.max_steps=8", f"experiment.run_dir={ep2}"])
     _run([sys.executable, "-m", "launcher.train", *COMMON, "trainer.max_steps=3",
+          "parallel.expert_model_parallel_size=1", f"experiment.run_dir={ep1}"])
+    return ep1, ep2
+
+
+@pytest.fixture(scope="module")
+def anyexperts_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("anyexperts_runs")
+    ep2 = root / "ep2"
+    ep1 = root / "ep1"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "launcher.train", *COMMON, *ANYEXPERTS, "trainer.max_steps=8", f"experiment.run_dir={ep2}"])
+    _run([sys.executable, "-m", "launcher.train", *COMMON, *ANYEXPERTS, "trainer.max_steps=4",
           "parallel.expert_model_parallel_size=1", f"experiment.run_dir={ep1}"])
     return ep1, ep2
 
@@ -106,3 +120,32 @@ def test_missing_prepared_data_is_named(tmp_path):
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert str(missing) in proc.stderr + proc.stdout
+
+
+def test_anyexperts_run_learns_with_fewer_real_experts_than_k_max(anyexperts_runs):
+    _, ep2 = anyexperts_runs
+    records = [json.loads(line) for line in (ep2 / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert losses[-1] < losses[0] - 0.5, losses
+    real = [v for k, v in records[-1].items() if k.startswith("moe/real_experts_per_token/layer")]
+    assert len(real) == 2 and all(1.0 <= v < 3.0 for v in real), real
+    assert any(k.startswith("moe/a2a_bytes/layer") and v > 0 for k, v in records[-1].items())
+    assert any(k.startswith("moe/k_histogram/layer") for k in records[-1])
+
+
+def test_anyexperts_expert_parallel_matches_single_process(anyexperts_runs):
+    ep1, ep2 = anyexperts_runs
+    for step, (a, b) in enumerate(zip(_losses(ep1), _losses(ep2)[:4]), start=1):
+        assert abs(a - b) <= 1e-5, f"step {step}: EP=1 {a} vs EP=2 {b}"
+
+
+def test_routing_trace_is_written_and_readable(anyexperts_runs):
+    _, ep2 = anyexperts_runs
+    traces = sorted((ep2 / "routing_traces").glob("step_*_rank*.npz"))
+    assert [t.name for t in traces] == ["step_0000004_rank0.npz", "step_0000004_rank1.npz",
+                                        "step_0000008_rank0.npz", "step_0000008_rank1.npz"]
+    proc = _run([sys.executable, "tools/plot_routing.py", str(traces[-1])], timeout=120)
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["1", "2"]
+    for row in rows:
+        assert 1.0 <= float(row[2]) <= 3.0  # mean K within [k_min, k_max]

@@ -22,6 +22,7 @@ from anyexperts.config import TrainConfig
 from anyexperts.training.batches import BatchLayout, micro_batches
 from anyexperts.training.metrics import MetricsLogger
 from anyexperts.moe.losses import reset_global_batch_state, update_selection_biases
+from anyexperts.moe.trace import routing_trace, save_trace
 from anyexperts.training import moe_metrics
 from anyexperts.training.optim import build_optimizer, build_scheduler, current_lr, wrap_ddp
 from anyexperts.training.checkpoint import Checkpointer  # issue 5
@@ -112,15 +113,28 @@ def _global_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor, group) -> flo
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, eval_index: int) -> float:
+def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, eval_index: int,
+             trace_path: Optional[Path] = None) -> float:
+    """Mean validation loss over trainer.eval_iters global batches; with trace_path, the
+    routing of this rank's first micro-batch is saved there (anyexperts.moe.trace)."""
     model.eval()
     loss_sum = torch.zeros((), device=_device())
     num_tokens = torch.zeros((), device=_device())
     samples_per_eval = cfg.trainer.eval_iters * cfg.trainer.global_batch_size
     for it in range(cfg.trainer.eval_iters):
         consumed = eval_index * samples_per_eval + it * cfg.trainer.global_batch_size
-        for batch in micro_batches(dataset, layout, consumed, device=_device()):
-            s, n = _forward_loss(model, batch)
+        for micro, batch in enumerate(micro_batches(dataset, layout, consumed, device=_device())):
+            if trace_path is not None and it == 0 and micro == 0:
+                with routing_trace() as trace:
+                    s, n = _forward_loss(model, batch)
+                # The layers see tokens in [sequence, batch] order.
+                tokens_T = batch["tokens"].t().reshape(-1).cpu()
+                for record in trace:
+                    record["tokens"] = tokens_T
+                    record["seq_length"] = batch["tokens"].shape[1]
+                save_trace(trace, trace_path)
+            else:
+                s, n = _forward_loss(model, batch)
             loss_sum += s
             num_tokens += n
     model.train()
@@ -222,8 +236,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
 
             val_loss = None
             if state.step % cfg.trainer.eval_interval == 0 or state.step == cfg.trainer.max_steps:
+                trace_path = None
+                if cfg.trainer.routing_trace_interval and state.step % cfg.trainer.routing_trace_interval == 0:
+                    trace_path = run_dir / "routing_traces" / f"step_{state.step:07d}_rank{dist.get_rank()}.npz"
                 val_loss = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
-                                    eval_index=state.step // cfg.trainer.eval_interval)
+                                    eval_index=state.step // cfg.trainer.eval_interval, trace_path=trace_path)
                 result.val_losses[state.step] = val_loss
 
             if state.step % cfg.logging.log_interval == 0 or val_loss is not None or state.step == 1:
