@@ -42,28 +42,24 @@ def _run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    ep2 = root / "ep2"
-    ep1 = root / "ep1"
+def _ep2_and_ep1_runs(root: Path, extra: list[str], *, steps_ep2: int, steps_ep1: int) -> tuple[Path, Path]:
+    """A 2-process torchrun run at EP=2 and a 1-process run at EP=1 of the same config."""
+    ep2, ep1 = root / "ep2", root / "ep1"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "launcher.train", *COMMON, "trainer.max_steps=8", f"experiment.run_dir={ep2}"])
-    _run([sys.executable, "-m", "launcher.train", *COMMON, "trainer.max_steps=3",
+          "-m", "launcher.train", *COMMON, *extra, f"trainer.max_steps={steps_ep2}", f"experiment.run_dir={ep2}"])
+    _run([sys.executable, "-m", "launcher.train", *COMMON, *extra, f"trainer.max_steps={steps_ep1}",
           "parallel.expert_model_parallel_size=1", f"experiment.run_dir={ep1}"])
     return ep1, ep2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _ep2_and_ep1_runs(tmp_path_factory.mktemp("runs"), [], steps_ep2=8, steps_ep1=3)
 
 
 @pytest.fixture(scope="module")
 def anyexperts_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("anyexperts_runs")
-    ep2 = root / "ep2"
-    ep1 = root / "ep1"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "launcher.train", *COMMON, *ANYEXPERTS, "trainer.max_steps=8", f"experiment.run_dir={ep2}"])
-    _run([sys.executable, "-m", "launcher.train", *COMMON, *ANYEXPERTS, "trainer.max_steps=4",
-          "parallel.expert_model_parallel_size=1", f"experiment.run_dir={ep1}"])
-    return ep1, ep2
+    return _ep2_and_ep1_runs(tmp_path_factory.mktemp("anyexperts_runs"), ANYEXPERTS, steps_ep2=8, steps_ep1=4)
 
 
 def test_two_process_run_learns(runs):
