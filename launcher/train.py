@@ -98,6 +98,8 @@ def quiet_megatron() -> None:
         for pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
                         ".*full scope is deprecated.*"):
             warnings.filterwarnings("ignore", message=pattern)
+    # megatron's checkpoint code still calls the older collective name (torch 2.13 renamed it).
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*", category=FutureWarning)
 
 
 def run(cfg_node: DictConfig) -> float | None:

@@ -2,10 +2,11 @@
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_anyexperts_router.py -q
 
-Covers importance -> K, the real/virtual selection with its cap (against a per-token
-reference loop), gates, capacity with importance-aware dropping, the aux losses (against
-megatron's own loss functions where they coincide), bias balancing, the stats sink, and
-AnyExpertsConfig's ValueErrors.
+Covers importance -> K (round and position dither), the real/virtual selection with its
+cap (against a per-token reference loop), gates, capacity with importance-aware dropping,
+the aux losses (against megatron's own loss functions where they coincide), bias
+balancing, the stats sink, and AnyExpertsConfig's ValueErrors. The dither's layout test
+builds one AnyExperts layer in this process (CPU patches, no process groups).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from anyexperts.moe.config import AnyExpertsConfig
 from anyexperts.moe.importance import ImportancePredictor, num_slots_from_importance
 from anyexperts.moe.losses import (AuxLossTerms, budget_target_importance, load_balance_loss,
                                    reset_global_batch_state, z_loss)
-from anyexperts.moe.router import compute_gates, count_per_expert, max_virtual_table, select_slots
+from anyexperts.moe.router import (compute_gates, count_per_expert, dithered_num_slots, max_virtual_table,
+                                   select_slots, sequence_positions)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -116,6 +118,79 @@ def test_zero_importance_gets_k_min_and_one_gets_k_max():
     importance = torch.tensor([0.0, 1.0, 0.49, 0.51, 0.25])
     assert num_slots_from_importance(importance, k_min=2, k_max=6).tolist() == [2, 6, 4, 4, 3]
     assert num_slots_from_importance(importance, k_min=3, k_max=3).tolist() == [3] * 5
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(0, 4), st.integers(1, 40), st.integers(1, 4), st.integers(0, 2**31 - 1),
+       st.sampled_from([0.0, 1.0, 0.5, 1.0 - 1e-12]))
+def test_dithered_slots_stay_in_bounds_and_hit_the_ends(k_min, extra, seq_len, batch, seed, end_value):
+    k_max = k_min + extra
+    positions = sequence_positions((seq_len, batch, 8))
+    importance = torch.rand(len(positions), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    importance[::3] = end_value
+    importance[1::5] = 0.0
+    importance[2::7] = 1.0
+    num_slots = dithered_num_slots(importance, positions, k_min=k_min, k_max=k_max)
+    assert num_slots.dtype == torch.int64
+    assert ((num_slots >= k_min) & (num_slots <= k_max)).all()
+    assert (num_slots[importance == 0] == k_min).all() and (num_slots[importance == 1] == k_max).all()
+    # Far positions (s * step large) and w just below 1 still stay in bounds.
+    far = dithered_num_slots(importance, positions + 10**7, k_min=k_min, k_max=k_max)
+    assert ((far >= k_min) & (far <= k_max)).all() and (far[importance == 1] == k_max).all()
+
+
+@pytest.mark.parametrize("k_min, k_max", [(1, 3), (2, 6)])
+@pytest.mark.parametrize("w", [0.05, 0.25, 0.4, 0.5, 0.62, 0.9])
+def test_dithered_mean_slots_track_importance_over_a_sequence(k_min, k_max, w):
+    positions = sequence_positions((128, 3, 8))  # 3 sequences of 128 positions
+    importance = torch.full((len(positions),), w, dtype=torch.float64)
+    num_slots = dithered_num_slots(importance, positions, k_min=k_min, k_max=k_max)
+    assert abs(float(num_slots.double().mean()) - (k_min + w * (k_max - k_min))) <= 1 / 64
+
+
+def test_nearest_rounding_misses_the_mean_that_dither_meets():
+    # The Shakespeare case: K in [1, 3], w concentrated at 0.4 -> target 1.8 slots per token.
+    importance = torch.full((128,), 0.4, dtype=torch.float64)
+    nearest = num_slots_from_importance(importance, k_min=1, k_max=3)
+    dithered = dithered_num_slots(importance, sequence_positions((128, 1, 8)), k_min=1, k_max=3)
+    assert float(nearest.double().mean()) == 2.0  # round(0.8) for every token
+    assert abs(float(dithered.double().mean()) - 1.8) <= 1 / 64
+    assert set(dithered.tolist()) == {1, 2}
+
+
+def test_dithered_layer_routes_the_same_whole_or_split_by_batch():
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from anyexperts import cpu_support
+    from anyexperts.moe.trace import routing_trace
+    from tests.test_anyexperts_layer import build_layer, transformer_config
+
+    cpu_support.apply()
+    no_groups = ProcessGroupCollection()  # one process: every group None (size 1)
+    for name in ("tp", "cp", "tp_cp", "tp_dp_cp", "dp", "dp_cp", "ep", "expt_tp", "expt_dp", "tp_ep", "pp"):
+        setattr(no_groups, name, None)
+    ae = AnyExpertsConfig(k_min=1, k_max=3, k_rounding="dither", num_virtual_experts=2, rho_max=0.34,
+                          budget_target=1.8)
+    torch.manual_seed(0)
+    layer = build_layer(transformer_config(), ae, pg_collection=no_groups)
+    with torch.no_grad():
+        layer.importance.fc2.bias.fill_(math.log(0.4 / 0.6))  # w near 0.4: K is 1 or 2 by position
+        layer.importance.fc2.weight.normal_(0, 0.5)
+    layer.eval()
+    hidden_SBH = torch.randn(24, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), routing_trace() as trace:
+        layer(hidden_SBH)
+        layer(hidden_SBH[:, :2])
+        layer(hidden_SBH[:, 2:])
+    whole, first, second = ({k: v.view(24, -1, *v.shape[1:]) for k, v in r.items() if torch.is_tensor(v)}
+                            for r in trace)
+    assert whole["k"].unique().numel() > 1, "K should vary, or the comparison is vacuous"
+    for name in ("k", "expert_ids", "virtual_mask"):
+        assert torch.equal(whole[name], torch.cat([first[name], second[name]], dim=1)), name
+    torch.testing.assert_close(whole["gates"], torch.cat([first["gates"], second["gates"]], dim=1))
+    # The positions come from the [S, B, H] shape: the router alone cannot guess them.
+    with pytest.raises(ValueError, match="position_T"):
+        layer.router.route(torch.zeros(3, 6, dtype=torch.float64), torch.full((3,), 0.4))
 
 
 def test_excess_virtual_picks_are_replaced_by_next_best_real():
@@ -304,6 +379,7 @@ def test_stats_sink_mean_sum_and_reset():
     (dict(budget_scope="step"), "budget_scope"),
     (dict(gate_norm="virtual"), "gate_norm"),
     (dict(virtual_kind="noise"), "virtual_kind"),
+    (dict(k_rounding="stochastic"), "k_rounding"),
 ])
 def test_bad_configs_raise_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^moe\.anyexperts\.{field}="):

@@ -22,8 +22,8 @@ from anyexperts.moe.dispatcher import VariableSlotAllToAll, routing_to_dense
 from tests.distributed import run_distributed
 
 HIDDEN, FFN, SLOTS = 8, 4, 3
-CASES = ("random", "random_sparse", "random_dense", "no_real_slot", "same_expert", "rank0_sends_nothing", "idle_experts",
-         "rank1_no_tokens", "fixed_topk")
+CASES = ("random", "random_sparse", "random_dense", "no_real_slot", "same_expert", "rank0_sends_nothing",
+         "idle_experts", "rank1_no_tokens", "fixed_topk")
 
 
 def make_routing(case: str, rank: int, num_experts: int, num_tokens: int = 12, *, dtype=torch.float64):
@@ -176,7 +176,8 @@ def test_single_rank_without_group():
     gate, linear = torch.bmm(tokens_NH.unsqueeze(1), fc1_EHF[expert_N]).squeeze(1).chunk(2, -1)
     out_NH = torch.bmm((F.silu(gate) * linear * probs_N[:, None]).unsqueeze(1), fc2_EFH[expert_N]).squeeze(1)
     y_TH = dispatcher.combine(out_NH)
-    torch.testing.assert_close(y_TH, dense_reference(hidden_TH, expert_TK, gate_TK, fc1_EHF, fc2_EFH), rtol=0, atol=1e-12)
+    want_TH = dense_reference(hidden_TH, expert_TK, gate_TK, fc1_EHF, fc2_EFH)
+    torch.testing.assert_close(y_TH, want_TH, rtol=0, atol=1e-12)
     assert dispatcher.last_bytes_sent == 0
     assert counts_L.sum() == int((expert_TK >= 0).sum()) == tokens_NH.shape[0]
 
@@ -223,7 +224,8 @@ def _world_4_both_layouts(rank, world_size, checkpoint_dir):
     results = _run_all_cases(rank, world_size, 8, torch.float64, False, 1e-6)
     fc1_EHF, fc2_EFH = global_weights(8)
     saved = _grouped_experts_at_current_ep(8)
-    mine = slice(2 * parallel_state.get_expert_model_parallel_rank(), 2 * parallel_state.get_expert_model_parallel_rank() + 2)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    mine = slice(2 * ep_rank, 2 * ep_rank + 2)
     with torch.no_grad():
         saved.fc1_weight.copy_(fc1_EHF[mine])
         saved.fc2_weight.copy_(fc2_EFH[mine])
@@ -235,7 +237,8 @@ def _world_4_both_layouts(rank, world_size, checkpoint_dir):
     loaded = _grouped_experts_at_current_ep(8)
     state = dist_checkpointing.load(loaded.sharded_state_dict(prefix="experts."), checkpoint_dir)
     loaded.load_state_dict({k.removeprefix("experts."): v for k, v in state.items()})
-    mine = slice(4 * parallel_state.get_expert_model_parallel_rank(), 4 * parallel_state.get_expert_model_parallel_rank() + 4)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    mine = slice(4 * ep_rank, 4 * ep_rank + 4)
     assert torch.equal(loaded.fc1_weight, fc1_EHF[mine]) and torch.equal(loaded.fc2_weight, fc2_EFH[mine])
     return results + _run_all_cases(rank, world_size, 4, torch.float64, False, 1e-6)
 

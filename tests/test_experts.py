@@ -102,7 +102,8 @@ def test_biases_follow_megatron_expert_semantics():
     out, _ = experts(x, [2, 3], p)
     expert_N = torch.tensor([0, 0, 1, 1, 1])
     fc1 = torch.einsum("nh,nhf->nf", x, experts.fc1_weight[expert_N]) + experts.fc1_bias[expert_N]
-    want = p[:, None] * (torch.einsum("nf,nfh->nh", F.gelu(fc1), experts.fc2_weight[expert_N]) + experts.fc2_bias[expert_N])
+    fc2 = torch.einsum("nf,nfh->nh", F.gelu(fc1), experts.fc2_weight[expert_N]) + experts.fc2_bias[expert_N]
+    want = p[:, None] * fc2
     torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda b1, b2: experts(x, [2, 3], p)[0], (experts.fc1_bias, experts.fc2_bias))
 
@@ -148,7 +149,8 @@ def _against_sequential_mlp(rank, world_size):
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=0, atol=tol, msg=name)
         for e, mlp in enumerate(seq_mlp.local_experts):
-            for ours_p, theirs_p in ((ours.fc1_weight, mlp.linear_fc1.weight), (ours.fc2_weight, mlp.linear_fc2.weight)):
+            pairs = ((ours.fc1_weight, mlp.linear_fc1.weight), (ours.fc2_weight, mlp.linear_fc2.weight))
+            for ours_p, theirs_p in pairs:
                 torch.testing.assert_close(ours_p.grad[e], theirs_p.grad.t(), rtol=0, atol=tol, msg=name)
         if num_rows == 0:  # idle experts still get (zero) weight grads, as megatron's do
             assert torch.count_nonzero(ours.fc1_weight.grad) == 0
@@ -160,3 +162,24 @@ def _against_sequential_mlp(rank, world_size):
 def test_against_megatron_sequential_mlp():
     (done,) = run_distributed(_against_sequential_mlp, 1, expert_parallel_size=1)
     assert len(done) == 7
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_grouped_mm_matches_loop():
+    """Untested here (no GPU on the CPU machines): bf16 grouped_mm on CUDA against the loop."""
+    from anyexperts.moe.dispatcher import VariableSlotAllToAll
+    from anyexperts.moe.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, _config(hidden_size=64, ffn_hidden_size=128, moe_ffn_hidden_size=128,
+                                        params_dtype=torch.bfloat16)).cuda()
+    hidden_TH = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    expert_TK = torch.randint(-1, 4, (32, 3), device="cuda")
+    gate_TK = torch.rand(32, 3, device="cuda")
+    dispatcher = VariableSlotAllToAll(num_experts=4, ep_group=None)
+    outs = []
+    for use_grouped_mm in (None, False):
+        experts.use_grouped_mm = use_grouped_mm
+        tokens_NH, counts, probs_N = dispatcher.dispatch(hidden_TH, expert_TK, gate_TK)
+        outs.append(dispatcher.combine(experts(tokens_NH, counts, probs_N)[0]).float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)

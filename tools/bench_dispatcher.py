@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python tools/bench_dispatcher.py --json /tmp/bench.json              # EP=1, default sweep
     OMP_NUM_THREADS=1 python tools/bench_dispatcher.py --world-size 2 --json /tmp/bench2.json  # 2 gloo ranks, EP=2
-    OMP_NUM_THREADS=1 python tools/bench_dispatcher.py --full-sweep ...                    # tokens 1k..32k x experts 8..128
+    OMP_NUM_THREADS=1 python tools/bench_dispatcher.py --full-sweep --cases sweep  # 1k..32k tokens x 8..128 experts
 
 Every rank is a process spawned by the project's harness (tests/distributed.py), one BLAS
 thread each. Times are forward + backward of the routed part of an MoE layer on a given
@@ -63,7 +63,8 @@ def make_routing(num_tokens: int, num_experts: int, max_slots: int, mean_real: f
     gates_TK[:, :num_real_slots] = gate_TK
     if mean_real < max_slots:
         p = (mean_real - 1) / (max_slots - 1)
-        real_T = 1 + torch.binomial(torch.full((num_tokens,), float(max_slots - 1)), torch.tensor(p), generator=gen).long()
+        trials_T = torch.full((num_tokens,), float(max_slots - 1))
+        real_T = 1 + torch.binomial(trials_T, torch.full_like(trials_T, p), generator=gen).long()
         drop_TK = torch.arange(max_slots).unsqueeze(0) >= real_T.unsqueeze(1)
         expert_TK[drop_TK] = -1
         gates_TK[drop_TK] = 0
@@ -235,45 +236,48 @@ def bench(rank: int, world_size: int, opts: dict) -> list:
     def layer_for(num_experts):
         return Layer(num_experts=num_experts, hidden=opts["hidden"], ffn=opts["ffn"], topk=topk, dtype=dtype)
 
-    # (1) + (2): fixed top-k and variable slots, all four variants interleaved in one group.
     layer = layer_for(experts)
     group = layer.ep_group
-    fixed = make_routing(tokens, experts, topk, topk, seed)
-    steps = {"ours_fixed": _step_fn(layer, "ours", *fixed, seed), "megatron_fixed": _step_fn(layer, "megatron", *fixed, seed)}
-    variable = {r: make_routing(tokens, experts, topk, r, seed + 1) for r in opts["mean_real"]}
-    for r, routing in variable.items():
-        steps[f"ours_r{r}"] = _step_fn(layer, "ours", *routing, seed)
-        steps[f"megatron_r{r}"] = _step_fn(layer, "megatron", *routing, seed)
-    times = time_interleaved(steps, repeats, group)
-    peak = peak_memory(steps["ours_fixed"])
-    rows.append(_record("fixed_topk", layer, tokens, fixed[0], times["ours_fixed"], times["megatron_fixed"], peak,
-                        peak_memory(steps["megatron_fixed"])))
-    for r, routing in variable.items():
-        peak = peak_memory(steps[f"ours_r{r}"])
-        measured = [times[f"ours_r{r}"][i] / times["ours_fixed"][i] for i in range(2)]
-        expected = float((routing[0] >= 0).sum()) / (tokens * topk)
-        rows.append(_record("variable", layer, tokens, routing[0], times[f"ours_r{r}"], times[f"megatron_r{r}"], peak,
-                            time_vs_fixed=round(measured[0], 4), cpu_time_vs_fixed=round(measured[1], 4),
-                            real_fraction=round(expected, 4), within_5pct=abs(measured[0] / expected - 1) <= 0.05,
-                            cpu_within_5pct=abs(measured[1] / expected - 1) <= 0.05))
+    if "main" in opts["cases"]:
+        # (1) + (2): fixed top-k and variable slots, all four variants interleaved in one group.
+        fixed = make_routing(tokens, experts, topk, topk, seed)
+        steps = {"ours_fixed": _step_fn(layer, "ours", *fixed, seed),
+                 "megatron_fixed": _step_fn(layer, "megatron", *fixed, seed)}
+        variable = {r: make_routing(tokens, experts, topk, r, seed + 1) for r in opts["mean_real"]}
+        for r, routing in variable.items():
+            steps[f"ours_r{r}"] = _step_fn(layer, "ours", *routing, seed)
+            steps[f"megatron_r{r}"] = _step_fn(layer, "megatron", *routing, seed)
+        times = time_interleaved(steps, repeats, group)
+        peak = peak_memory(steps["ours_fixed"])
+        rows.append(_record("fixed_topk", layer, tokens, fixed[0], times["ours_fixed"], times["megatron_fixed"], peak,
+                            peak_memory(steps["megatron_fixed"])))
+        for r, routing in variable.items():
+            peak = peak_memory(steps[f"ours_r{r}"])
+            measured = [times[f"ours_r{r}"][i] / times["ours_fixed"][i] for i in range(2)]
+            expected = float((routing[0] >= 0).sum()) / (tokens * topk)
+            rows.append(_record("variable", layer, tokens, routing[0], times[f"ours_r{r}"], times[f"megatron_r{r}"],
+                                peak,
+                                time_vs_fixed=round(measured[0], 4), cpu_time_vs_fixed=round(measured[1], 4),
+                                real_fraction=round(expected, 4), within_5pct=abs(measured[0] / expected - 1) <= 0.05,
+                                cpu_within_5pct=abs(measured[1] / expected - 1) <= 0.05))
 
-    # (3) peak memory against K_max at 4 real slots per token.
-    kmax_steps = {}
-    for max_slots in opts["kmax"]:
-        routing = make_routing(tokens, experts, max_slots, 4, seed + 2, exact_real=True)
-        kmax_steps[max_slots] = (routing, _step_fn(layer, "ours", *routing, seed))
-    times = time_interleaved({k: s for k, (_, s) in kmax_steps.items()}, repeats, group)
-    for max_slots, (routing, step) in kmax_steps.items():
-        rows.append(_record("kmax_memory", layer, tokens, routing[0], times[max_slots], None, peak_memory(step)))
+        # (3) peak memory against K_max at 4 real slots per token.
+        kmax_steps = {}
+        for max_slots in opts["kmax"]:
+            routing = make_routing(tokens, experts, max_slots, 4, seed + 2, exact_real=True)
+            kmax_steps[max_slots] = (routing, _step_fn(layer, "ours", *routing, seed))
+        times = time_interleaved({k: s for k, (_, s) in kmax_steps.items()}, repeats, group)
+        for max_slots, (routing, step) in kmax_steps.items():
+            rows.append(_record("kmax_memory", layer, tokens, routing[0], times[max_slots], None, peak_memory(step)))
 
     # (4) sweep over tokens per rank and experts, fixed top-k.
-    for num_experts in opts["sweep_experts"]:
+    for num_experts in opts["sweep_experts"] if "sweep" in opts["cases"] else ():
         sweep_layer = layer if num_experts == experts else layer_for(num_experts)
         for num_tokens in opts["sweep_tokens"]:
             routing = make_routing(num_tokens, num_experts, topk, topk, seed + 3)
             pair = {"ours": _step_fn(sweep_layer, "ours", *routing, seed),
                     "megatron": _step_fn(sweep_layer, "megatron", *routing, seed)}
-            times = time_interleaved(pair, max(3, repeats // 2), group)
+            times = time_interleaved(pair, repeats, group)
             rows.append(_record("sweep", sweep_layer, num_tokens, routing[0], times["ours"], times["megatron"],
                                 peak_memory(pair["ours"]), peak_memory(pair["megatron"])))
     return rows
@@ -308,6 +312,8 @@ def main(argv=None) -> list:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--sweep-experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--cases", nargs="+", choices=("main", "sweep"), default=["main", "sweep"],
+                        help="main: fixed_topk, variable and kmax_memory; sweep: the sweep")
     parser.add_argument("--full-sweep", action="store_true",
                         help="tokens 1k, 2k, 4k, 8k, 16k, 32k x experts 8, 16, 32, 64, 128 (long)")
     args = parser.parse_args(argv)

@@ -16,9 +16,10 @@ optional biases fc1_bias [E_local, F1], fc2_bias [E_local, H]. Each is marked
 DDP reduces them over the expert-data-parallel group. `sharded_state_dict` maps them to
 global [num_experts, ...] tensors for megatron's dist_checkpointing (any EP size on load).
 
-Matmuls: torch._grouped_mm when the dtype and strides meet its constraints (fp32/bf16/fp16,
-16-byte row strides); otherwise `_LoopGroupedMM`, a per-expert loop writing into slices of
-one output (no torch.cat in either direction), which also serves float64 for exact tests.
+Matmuls: torch._grouped_mm when the dtype and strides meet its constraints (CPU: fp32/bf16/
+fp16 with 16-byte row strides; CUDA: bf16 on sm90/sm100); otherwise `_LoopGroupedMM`, a
+per-expert loop writing into slices of one output (no torch.cat in either direction), which
+also serves float64 for exact tests. The CUDA paths are written for but untested on a GPU.
 
 Tests: tests/test_experts.py.
 """
@@ -122,9 +123,14 @@ def _swiglu_backward_rows(x_NF2, probs_N, grad_NF, grad_x_NF2, grad_probs_N) -> 
 
 
 def grouped_mm_supported(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes these: dtype, and 16-byte strides of both operands
-    and of the transposed operands its backward forms."""
+    """Whether torch._grouped_mm takes these without falling back: dtype, and 16-byte row strides
+    of both operands (the backward's transposed operands then qualify too). On CUDA only the
+    bf16 kernel of sm90/sm100 is used: torch's CUDA fallback loop copies offs to the host (a
+    device sync), which the per-expert loop here avoids with host-side counts."""
     if x_NI.dtype not in _GROUPED_MM_DTYPES or w_EIO.dtype != x_NI.dtype:
+        return False
+    if x_NI.is_cuda and (x_NI.dtype != torch.bfloat16
+                         or torch.cuda.get_device_capability(x_NI.device)[0] not in (9, 10)):
         return False
     size = x_NI.element_size()
     return (x_NI.shape[1] * size) % 16 == 0 and (w_EIO.shape[2] * size) % 16 == 0
@@ -151,7 +157,8 @@ class GroupedExperts(MegatronModule):
         device = (torch.device("cpu") if config.use_cpu_initialization or not torch.cuda.is_available()
                   else torch.device("cuda", torch.cuda.current_device()))
         dtype = config.params_dtype
-        self.fc1_weight = Parameter(torch.empty(num_local_experts, self.hidden_size, fc1_out, device=device, dtype=dtype))
+        self.fc1_weight = Parameter(torch.empty(num_local_experts, self.hidden_size, fc1_out,
+                                                device=device, dtype=dtype))
         self.fc2_weight = Parameter(torch.empty(num_local_experts, self.ffn_hidden_size, self.hidden_size,
                                                 device=device, dtype=dtype))
         if config.add_bias_linear:
@@ -207,7 +214,8 @@ class GroupedExperts(MegatronModule):
     def load_from_sequential_mlp(self, seq_mlp) -> "GroupedExperts":
         """Copies the weights (and biases) of megatron's SequentialMLP with TP=1; returns self."""
         if len(seq_mlp.local_experts) != self.num_local_experts:
-            raise ValueError(f"SequentialMLP has {len(seq_mlp.local_experts)} experts, expected {self.num_local_experts}")
+            raise ValueError(f"SequentialMLP has {len(seq_mlp.local_experts)} experts, "
+                             f"expected {self.num_local_experts}")
         for expert, mlp in enumerate(seq_mlp.local_experts):
             self.fc1_weight[expert].copy_(mlp.linear_fc1.weight.t())
             self.fc2_weight[expert].copy_(mlp.linear_fc2.weight.t())

@@ -46,7 +46,8 @@ class ImportancePredictor(nn.Module):
 
 
 def num_slots_from_importance(importance_T: torch.Tensor, *, k_min: int, k_max: int) -> torch.Tensor:
-    """K_i = k_min + round(w_i * (k_max - k_min)) as int64, clamped to [k_min, k_max].
+    """K_i = k_min + round(w_i * (k_max - k_min)) as int64, clamped to [k_min, k_max] (the
+    "nearest" k_rounding; router.dithered_num_slots is the "dither" one).
 
     torch.round rounds half to even; the clamp only guards w outside [0, 1] (never from a
     sigmoid, but callers may pass their own w).

@@ -11,8 +11,9 @@ experts, V virtual experts, K = k_max slot columns):
 
   h [T, H]
   -> importance  w = sigmoid(MLP(h))                                     importance.py
-  -> router      K_i = k_min + round(w_i (k_max - k_min)); logits over E + V; top K_i
-                 with at most floor(rho_max K_i) virtual; gates            router.py
+  -> router      K_i = k_min + round(w_i (k_max - k_min)) (or a position-dithered floor,
+                 k_rounding); logits over E + V; top K_i with at most
+                 floor(rho_max K_i) virtual; gates                         router.py
   -> capacity    per-expert limit in real slots, least important dropped  capacity.py
   -> dispatcher  only real slots, one all_to_all_single (EP group)        dispatcher.py
   -> experts     g * FFN_e(x) over expert-sorted rows (gate applied here) experts.py (or megatron's
@@ -38,8 +39,9 @@ capacity order, from its initial weights; an unfrozen MLP would only stall megat
 which waits for gradients that never come.
 
 Not supported (ValueError): shared experts, MoE latent projections, tensor-parallel experts
-through GroupedExperts. `padding_mask` is accepted for megatron's call signature and
-ignored: every token is routed and counted (the trainer packs sequences without padding).
+through GroupedExperts, k_rounding="dither" with sequence or context parallelism.
+`padding_mask` is accepted for megatron's call signature and ignored: every token is routed
+and counted (the trainer packs sequences without padding).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from anyexperts.moe.config import AnyExpertsConfig
 from anyexperts.moe.dispatcher import VariableSlotAllToAll
 from anyexperts.moe.importance import ImportancePredictor
 from anyexperts.moe.losses import AuxLosses, AuxLossTerms
-from anyexperts.moe.router import AnyExpertsRouter, Routing, count_per_expert
+from anyexperts.moe.router import AnyExpertsRouter, Routing, count_per_expert, sequence_positions
 
 
 class VirtualExperts(nn.Module):
@@ -119,6 +121,11 @@ class AnyExpertsMoELayer(BaseMoELayer):
             raise ValueError("moe_shared_expert_intermediate_size: shared experts are not supported by AnyExperts")
         if getattr(config, "moe_latent_size", None):
             raise ValueError("moe_latent_size: MoE latent projections are not supported by AnyExperts")
+        splits_sequence = config.sequence_parallel or config.context_parallel_size > 1
+        if self.ae.k_rounding == "dither" and splits_sequence:
+            # The dither's positions s would then be local to a shard of the sequence.
+            raise ValueError("k_rounding: 'dither' needs whole sequences on each rank (positions s), "
+                             "but sequence_parallel / context_parallel_size > 1 split them")
         if submodules is None or submodules.experts is None:
             raise ValueError("submodules.experts: an expert module spec is required (see specs.py)")
         self.submodules = submodules
@@ -161,7 +168,10 @@ class AnyExpertsMoELayer(BaseMoELayer):
         ae, num_experts = self.ae, self.config.num_moe_experts
 
         importance_T = self.importance(hidden_TH)
-        routing = self.router(hidden_TH, importance_T)
+        # The dither needs s of [S, B, H]; the row order of hidden_TH is s * B + b.
+        position_T = (sequence_positions(in_shape, device=hidden_TH.device) if ae.k_rounding == "dither"
+                      else None)
+        routing = self.router(hidden_TH, importance_T, position_T)
         plan = apply_capacity(routing.real_expert_TK, importance_T, num_experts=num_experts,
                               capacity_factor=ae.capacity_factor)
         tokens_NH, tokens_per_expert, probs_N = self.token_dispatcher.dispatch(hidden_TH, plan.expert_TK,

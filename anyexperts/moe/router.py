@@ -1,7 +1,7 @@
 """Step 2 of the AnyExperts layer: slots per token, real + virtual selection, gates.
 
     router = AnyExpertsRouter(config, anyexperts_config=ae_cfg)   # config: TransformerConfig
-    routing = router(hidden_TH, importance_T)
+    routing = router(hidden_TH, importance_T, position_T=sequence_positions(hidden_SBH.shape))
     routing.real_expert_TK   # int64 [T, k_max]: global real expert per slot, -1 elsewhere
     routing.gate_TK          # [T, k_max] gates (0 on unused slots)
 
@@ -10,6 +10,16 @@ of the weight; AdaMoE's "null experts"). For token i with K_i = k_min + round(w_
 (k_max - k_min)) slots (importance.py), the router takes the top K_i entries with at most
 floor(rho_max * K_i) virtual ones: a virtual entry ranked past that cap is skipped and the
 next-best entry takes its place, so the excess is filled by real experts.
+
+k_rounding="dither" replaces the round() by K_i = k_min + floor(w_i * span + d_s), with
+d_s = frac((s + 0.5) * 0.618...) for the token's position s along the sequence (a golden-
+ratio low-discrepancy sequence). round() maps a concentrated w to one integer for nearly
+every token; with the dither the mean K over a sequence is k_min + mean(w) * span to within
+O(log(seq_len) / seq_len) (constant w, worst over w: 1.4 / seq_len at 128 positions, 2.4 /
+seq_len at 1024), so the budget term on mean(w) controls the mean slot count. d depends on
+s only, not on the batch index, so splitting the batch across ranks or micro-batches (the
+data- and expert-parallel layout) leaves every token's K unchanged. position_T is needed
+only for the dither (`sequence_positions`).
 
 Vectorised, no loop over tokens: one `topk` over k_max + V candidates (enough: at most V
 candidates are ever skipped), then a cumulative count of virtual candidates decides which
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -59,6 +70,38 @@ class Routing:
     @property
     def num_virtual_T(self) -> torch.Tensor:
         return self.is_virtual_TK.sum(-1)
+
+
+# Golden-ratio conjugate: its continued fraction [0; 1, 1, 1, ...] makes frac(s * step) the most
+# evenly spread additive recurrence, so every run of consecutive positions covers [0, 1) evenly.
+DITHER_STEP = 0.6180339887498949
+
+
+def sequence_positions(shape: Sequence[int], *, device=None) -> torch.Tensor:
+    """int64 [T]: position along the sequence of each row of hidden states of `shape`, flattened.
+
+    [S, B, H] (megatron's layout) flattens in [s * B + b] order, so position = row // B;
+    [T, H] is taken as one sequence of T tokens. Sequence and context parallelism would make
+    S a slice of the sequence; the layer refuses the dither with them.
+    """
+    num_tokens = math.prod(shape[:-1])
+    num_sequences = shape[1] if len(shape) == 3 else 1
+    return torch.arange(num_tokens, device=device) // num_sequences
+
+
+def dithered_num_slots(importance_T: torch.Tensor, position_T: torch.Tensor, *, k_min: int,
+                       k_max: int) -> torch.Tensor:
+    """K_i = k_min + floor(w_i * (k_max - k_min) + d_i) as int64, d_i = frac((s_i + 0.5) * DITHER_STEP).
+
+    Elementwise float64 only (correctly rounded products and sums, no transcendental
+    functions): a token's K is the same whatever batch layout it is computed in. w = 0 gives
+    floor(d) = 0, so k_min; the clamp keeps w = 1 at k_max should span + d round up to
+    span + 1 (d within an ulp of 1), and guards w outside [0, 1] from other callers.
+    """
+    span = k_max - k_min
+    dither_T = torch.frac((position_T.to(device=importance_T.device, dtype=torch.float64) + 0.5) * DITHER_STEP)
+    extra_T = torch.floor(importance_T.detach().double() * span + dither_T).to(torch.int64)
+    return k_min + extra_T.clamp_(0, span)
 
 
 def count_per_expert(expert_TK: torch.Tensor, *, num_experts: int, dtype=torch.float32) -> torch.Tensor:
@@ -148,10 +191,17 @@ class AnyExpertsRouter(Router):
     def bias_balancing(self) -> bool:
         return self.ae.bias_update_rate > 0
 
-    def route(self, logits_TX: torch.Tensor, importance_T: torch.Tensor) -> Routing:
-        """The routing decision for given logits and importance (no parameters involved)."""
+    def route(self, logits_TX: torch.Tensor, importance_T: torch.Tensor,
+              position_T: Optional[torch.Tensor] = None) -> Routing:
+        """The routing decision for given logits and importance (no parameters involved);
+        position_T (sequence_positions) is required with k_rounding="dither"."""
         ae = self.ae
-        num_slots_T = num_slots_from_importance(importance_T, k_min=ae.k_min, k_max=ae.k_max)
+        if ae.k_rounding == "dither":
+            if position_T is None:
+                raise ValueError("position_T: k_rounding='dither' needs each token's sequence position")
+            num_slots_T = dithered_num_slots(importance_T, position_T, k_min=ae.k_min, k_max=ae.k_max)
+        else:
+            num_slots_T = num_slots_from_importance(importance_T, k_min=ae.k_min, k_max=ae.k_max)
         max_virtual_T = self.max_virtual_by_k.to(num_slots_T.device)[num_slots_T]
         with torch.no_grad():
             scores_TX = logits_TX.detach()
@@ -167,16 +217,17 @@ class AnyExpertsRouter(Router):
                        is_virtual_TK=is_virtual_TK, real_expert_TK=real_expert_TK)
 
     def routing(self, logits: torch.Tensor):  # megatron's abstract hook; the importance is needed too
-        raise NotImplementedError("AnyExpertsRouter routes with route(logits_TX, importance_T)")
+        raise NotImplementedError("AnyExpertsRouter routes with route(logits_TX, importance_T, position_T)")
 
-    def forward(self, hidden_TH: torch.Tensor, importance_T: torch.Tensor) -> Routing:
+    def forward(self, hidden_TH: torch.Tensor, importance_T: torch.Tensor,
+                position_T: Optional[torch.Tensor] = None) -> Routing:
         hidden_TH = hidden_TH.reshape(-1, hidden_TH.shape[-1])
         if hidden_TH.shape[0] == 0:
             # megatron's router_gating_linear cannot view an empty output; no tokens, no logits.
             logits_TX = hidden_TH.new_zeros((0, self.weight.shape[0])) + self.weight.sum() * 0
         else:
             logits_TX = self.gating(hidden_TH)
-        routing = self.route(logits_TX, importance_T)
+        routing = self.route(logits_TX, importance_T, position_T)
         if self.bias_balancing and self.training and torch.is_grad_enabled():
             self.count_for_bias_update(routing.real_expert_TK)
         return routing
