@@ -84,6 +84,9 @@ def transformer_config(cfg: TrainConfig):
             num_moe_experts=moe.num_experts,
             moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
             moe_router_topk=moe.router_topk,
+            # At top-1 a renormalised gate is always 1 and the router learns nothing from the
+            # output; megatron refuses that, so top-1 gates are the softmax over all experts.
+            moe_router_pre_softmax=moe.router_topk == 1,
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_z_loss_coeff=moe.z_loss_coeff,
