@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import re
 from datetime import timedelta
 
@@ -61,8 +60,10 @@ def test_apply_is_a_no_op_with_cuda(monkeypatch):
 @pytest.fixture(scope="module")
 def one_rank_world():
     cpu_support.apply()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
+    store = dist.TCPStore("127.0.0.1", free_port(), world_size=1, is_master=True)
+    # A store rather than MASTER_* variables: those would leak into every later test's
+    # subprocesses (a single-process launcher.train takes MASTER_PORT from its environment).
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store, timeout=timedelta(seconds=60))
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel()

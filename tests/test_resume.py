@@ -45,7 +45,7 @@ def _env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                # Time the workers get to save after torchrun forwards SIGTERM (default 30 s).
                TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120")
-    for key in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_PROCID"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PROCID"):
         env.pop(key, None)
     env.update(extra)
     return env

@@ -25,9 +25,17 @@ ANYEXPERTS = ["moe=anyexperts", "moe.anyexperts.k_min=1", "moe.anyexperts.k_max=
               "moe.anyexperts.budget_target=1.5", "trainer.routing_trace_interval=4"]
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
+               "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("RANK", None)
+    # pytest itself may run under a launcher (or a test may have set these): each run here
+    # must discover its own world.
+    for name in LAUNCH_VARS:
+        env.pop(name, None)
     return env
 
 
