@@ -43,17 +43,11 @@ MIN_BPE_VOCAB_SIZE = 257
 PathLike = Union[str, os.PathLike]
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, end of document = 256, vocab_size 257."""
+class _SpecialTokenIds:
+    """The special-token ids megatron's GPTDataset reads: eod (= eos), bos, pad."""
 
-    num_byte_tokens = 256
-
-    def __init__(self) -> None:
-        self._eod = self.num_byte_tokens
-
-    @property
-    def vocab_size(self) -> int:
-        return self.num_byte_tokens + 1
+    _eod: int
+    _bos: Optional[int] = None
 
     @property
     def eod(self) -> int:
@@ -65,11 +59,24 @@ class ByteTokenizer:
 
     @property
     def bos(self) -> Optional[int]:
-        return None
+        return self._bos
 
     @property
     def pad(self) -> int:
         return PAD_ID
+
+
+class ByteTokenizer(_SpecialTokenIds):
+    """UTF-8 bytes as tokens 0..255, end of document = 256, vocab_size 257."""
+
+    num_byte_tokens = 256
+
+    def __init__(self) -> None:
+        self._eod = self.num_byte_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_byte_tokens + 1
 
     @property
     def special_tokens_dict(self) -> dict:
@@ -111,7 +118,7 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=257, eod=256)"
 
 
-class HFTokenizer:
+class HFTokenizer(_SpecialTokenIds):
     """A local Hugging Face `tokenizer.json`, loaded with the `tokenizers` library (no hub)."""
 
     def __init__(self, path: PathLike) -> None:
@@ -142,22 +149,6 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def eos(self) -> int:
-        return self._eod
-
-    @property
-    def bos(self) -> Optional[int]:
-        return self._bos
-
-    @property
-    def pad(self) -> int:
-        return PAD_ID
 
     @property
     def eod_text(self) -> str:
