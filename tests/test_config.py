@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate
@@ -40,7 +41,14 @@ def test_experiment_composes_and_validates(experiment):
 ])
 def test_every_group_option_composes(group, options):
     for option in options:
-        validate(to_dataclass(compose_cfg(f"{group}={option}")), world_size=1)
+        node = compose_cfg(f"{group}={option}")
+        cfg = to_dataclass(node)
+        validate(cfg, world_size=1)
+        # The option's own file was merged in, not just the schema defaults.
+        option_values = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        for key, value in option_values.items():
+            if not OmegaConf.is_config(value):
+                assert node[group][key] == value, (group, option, key)
 
 
 def test_main_job_is_two_process_expert_parallel():
