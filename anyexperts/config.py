@@ -139,7 +139,7 @@ class CheckpointConfig:
     # Keep the newest N complete checkpoints, older ones are deleted (0: keep all).
     keep_last: int = 2
     # auto: resume from the newest complete checkpoint of this run's checkpoint directory, if
-    # any | none: start fresh | <path>: a step_XXXXXXX directory, or a checkpoints directory,
+    # any | none: start fresh | <path>: a step_<7-digit step> directory, or a checkpoints directory,
     # used while this run has no checkpoint of its own (then its own newest wins).
     resume: str = "auto"
     # Where to save; unset: <run_dir>/checkpoints.

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from anyexperts.moe.capacity import apply_capacity, expert_capacity
 from anyexperts.moe.config import AnyExpertsConfig
-from anyexperts.moe.importance import ImportancePredictor, num_slots_from_importance
+from anyexperts.moe.importance import ImportancePredictor
 from anyexperts.moe.losses import (AuxLossTerms, budget_target_importance, load_balance_loss,
                                    reset_global_batch_state, z_loss)
 from anyexperts.moe.router import (compute_gates, count_per_expert, dithered_num_slots, max_virtual_table,
-                                   select_slots, sequence_positions)
+                                   num_slots_from_importance, select_slots, sequence_positions)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

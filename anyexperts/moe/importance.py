@@ -43,15 +43,3 @@ class ImportancePredictor(nn.Module):
         logit_T = self.fc2(hidden_TD).squeeze(-1)
         # float32 at least (bf16 w would make K jumpy); float64 models keep float64.
         return torch.sigmoid(logit_T if logit_T.dtype == torch.float64 else logit_T.float())
-
-
-def num_slots_from_importance(importance_T: torch.Tensor, *, k_min: int, k_max: int) -> torch.Tensor:
-    """K_i = k_min + round(w_i * (k_max - k_min)) as int64, clamped to [k_min, k_max] (the
-    "nearest" k_rounding; router.dithered_num_slots is the "dither" one).
-
-    torch.round rounds half to even; the clamp only guards w outside [0, 1] (never from a
-    sigmoid, but callers may pass their own w).
-    """
-    span = k_max - k_min
-    num_slots_T = k_min + torch.round(importance_T.detach().float() * span).to(torch.int64)
-    return num_slots_T.clamp_(k_min, k_max)

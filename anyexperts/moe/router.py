@@ -49,7 +49,6 @@ from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from anyexperts.moe.config import AnyExpertsConfig
-from anyexperts.moe.importance import num_slots_from_importance
 
 
 @dataclass
@@ -87,6 +86,18 @@ def sequence_positions(shape: Sequence[int], *, device=None) -> torch.Tensor:
     num_tokens = math.prod(shape[:-1])
     num_sequences = shape[1] if len(shape) == 3 else 1
     return torch.arange(num_tokens, device=device) // num_sequences
+
+
+def num_slots_from_importance(importance_T: torch.Tensor, *, k_min: int, k_max: int) -> torch.Tensor:
+    """K_i = k_min + round(w_i * (k_max - k_min)) as int64, clamped to [k_min, k_max] (the
+    "nearest" k_rounding; dithered_num_slots below is the "dither" one).
+
+    torch.round rounds half to even; the clamp only guards w outside [0, 1] (never from a
+    sigmoid, but callers may pass their own w).
+    """
+    span = k_max - k_min
+    num_slots_T = k_min + torch.round(importance_T.detach().float() * span).to(torch.int64)
+    return num_slots_T.clamp_(k_min, k_max)
 
 
 def dithered_num_slots(importance_T: torch.Tensor, position_T: torch.Tensor, *, k_min: int,

@@ -65,7 +65,8 @@ class StatsSink:
         keys = sorted(self._sums)
         values = []
         for key in keys:
-            total = self._sums[key].cpu()
+            # Reduced where the sums live: NCCL cannot all-reduce host tensors.
+            total = self._sums[key]
             values.append(total if key[0] in self._summed_names else total / self._counts[key])
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1 and keys:
             flat = torch.cat([v.reshape(-1) for v in values])
@@ -79,7 +80,7 @@ class StatsSink:
             values = reduced
         out: dict[str, dict[int, torch.Tensor]] = {}
         for (name, layer), value in zip(keys, values):
-            out.setdefault(name, {})[layer] = value.float()
+            out.setdefault(name, {})[layer] = value.float().cpu()
         for layer, loads in out.get("tokens_per_expert", {}).items():
             out.setdefault("load_imbalance_global", {})[layer] = loads.max() / loads.mean().clamp(min=1e-12)
         return out

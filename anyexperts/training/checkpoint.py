@@ -14,8 +14,8 @@ What one checkpoint holds (`<run_dir>/checkpoints/step_0000120/`):
   a warning (the model has no dropout by default, so the losses do not depend on them);
 - anyexperts_manifest.json: every file with its size, written last (see below).
 
-Atomic: all ranks write into `step_XXXXXXX.tmp/`; after the save's final barrier rank 0 lists
-the files into the manifest, renames the directory to `step_XXXXXXX` and then replaces the
+Atomic: all ranks write into `step_<7-digit step>.tmp/`; after the save's final barrier rank 0 lists
+the files into the manifest, renames the directory to `step_<7-digit step>` and then replaces the
 `latest` marker (write a temp file, fsync, os.replace). A crash at any point leaves either a
 `.tmp` directory (ignored, deleted by the next save) or a complete checkpoint. Then the
 oldest complete checkpoints beyond `checkpoint.keep_last` are deleted.
@@ -147,8 +147,8 @@ def resolve_resume(resume: str, root: Path) -> Optional[Path]:
     if path.is_dir() and _STEP_DIR.match(path.name.removesuffix(TMP_SUFFIX)):
         raise RuntimeError(f"checkpoint.resume={path} is an unfinished checkpoint (no {MANIFEST}): its save "
                            "was interrupted; resume from an older step_* directory next to it")
-    raise RuntimeError(f"checkpoint.resume={path} is not a checkpoint (a step_XXXXXXX directory with {MANIFEST}) "
-                       "nor a directory holding any; give one, or checkpoint.resume=auto|none")
+    raise RuntimeError(f"checkpoint.resume={path} is not a checkpoint (a directory such as step_0000100 "
+                       f"holding {MANIFEST}) nor a directory holding any; give one, or checkpoint.resume=auto|none")
 
 
 def write_manifest(ckpt_dir: Path, extra: dict) -> dict:

@@ -19,7 +19,8 @@ from anyexperts.moe import stats
 
 
 def attach_topk_router_hooks(model: torch.nn.Module) -> int:
-    """Records tokens per expert and experts per token from megatron routers; returns the count hooked."""
+    """Records tokens per expert, load imbalance and experts per token from megatron routers,
+    as AnyExperts layers do; returns the number of routers hooked."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     num_hooked = 0
@@ -34,6 +35,7 @@ def attach_topk_router_hooks(model: torch.nn.Module) -> int:
                 routing_map = routing_map.detach()
                 tokens_per_expert = routing_map.sum(dim=0).float()
                 stats.record(layer_number, "tokens_per_expert", tokens_per_expert)
+                stats.record(layer_number, "load_imbalance", tokens_per_expert.max() / tokens_per_expert.mean())
                 stats.record(layer_number, "real_experts_per_token", routing_map.sum(dim=1).float().mean())
 
             module.register_forward_hook(hook)
@@ -65,12 +67,6 @@ def collect_moe_metrics(*, num_micro_batches: int, dp_group=None) -> tuple[dict[
                 scalars[key] = value.item()
             else:
                 vectors[key] = value
-    # Imbalance max/mean of the tokens routed to each expert, where a layer did not give it.
-    for key, counts in list(vectors.items()):
-        if key.startswith("moe/tokens_per_expert/"):
-            imbalance_key = key.replace("tokens_per_expert", "load_imbalance")
-            if imbalance_key not in scalars and counts.sum() > 0:
-                scalars[imbalance_key] = (counts.max() / counts.mean()).item()
     stats.reset()
     return scalars, vectors
 
