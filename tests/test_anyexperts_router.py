@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from anyexperts.moe.capacity import apply_capacity, expert_capacity
 from anyexperts.moe.config import AnyExpertsConfig
 from anyexperts.moe.importance import ImportancePredictor
-from anyexperts.moe.losses import (AuxLossTerms, budget_target_importance, load_balance_loss,
+from anyexperts.moe.losses import (AuxLossTerms, load_balance_loss,
                                    reset_global_batch_state, z_loss)
 from anyexperts.moe.router import (compute_gates, count_per_expert, dithered_num_slots, max_virtual_table,
                                    num_slots_from_importance, select_slots, sequence_positions)
@@ -289,20 +289,14 @@ def test_load_balance_and_z_loss_match_megatron_with_fixed_k():
                                torch.tensor(1.0, dtype=torch.float64))
 
 
-def test_budget_target_compensates_virtual_slots():
-    # k in [2, 6], target 3.6 real per token, 0.4 virtual per token -> mean K must be 4.0.
-    target = budget_target_importance(3.6, torch.tensor(0.4), k_min=2, k_max=6)
-    torch.testing.assert_close(target, torch.tensor(0.5))
-    assert float(budget_target_importance(10.0, torch.tensor(0.0), k_min=2, k_max=6)) == 1.0
-
-
 def _aux_inputs(seed, num_tokens=8, num_experts=4, k=2):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_tokens, num_experts + 1, generator=gen, requires_grad=True)
     importance = torch.rand(num_tokens, generator=gen).requires_grad_(True)
     real = logits.detach()[:, :num_experts].topk(k, dim=-1).indices
-    num_virtual = torch.randint(0, 2, (num_tokens,), generator=gen)
-    return dict(logits_TX=logits, real_expert_TK=real, importance_T=importance, num_virtual_T=num_virtual)
+    # The count the budget holds (in fractional training, what evaluation would select).
+    num_real_counted = torch.randint(1, 4, (num_tokens,), generator=gen)
+    return dict(logits_TX=logits, real_expert_TK=real, importance_T=importance, num_real_counted_T=num_real_counted)
 
 
 def test_aux_loss_terms_micro_batch_values_and_budget_gradient():
@@ -316,11 +310,12 @@ def test_aux_loss_terms_micro_batch_values_and_budget_gradient():
     expected_lb = load_balance_loss(torch.softmax(logits[:, :4], -1), counts, counts.sum(), num_tokens_in_scope=8)
     torch.testing.assert_close(aux.load_balance, expected_lb.detach())
     torch.testing.assert_close(aux.z, z_loss(logits).detach())
-    w_target = (2.0 + inputs["num_virtual_T"].float().mean() - 1) / 2
-    torch.testing.assert_close(aux.budget, (importance.detach().mean() - w_target) ** 2)
-    # The attached linearised budget term has the gradient of (mean_w - w_target)^2.
+    # The budget counts real slots as computed: ((mean count - target) / span)^2, span 2.
+    deviation = (inputs["num_real_counted_T"].double().mean() - 2.0) / 2
+    torch.testing.assert_close(aux.budget, (deviation ** 2).float())
+    # The attached term pushes every w by 2 * deviation / T (a controller on the count).
     aux.attached.backward()
-    expected_grad = 2 * (importance.detach().mean() - w_target) / 8
+    expected_grad = 2 * deviation / 8
     torch.testing.assert_close(importance.grad, torch.full((8,), float(expected_grad)))
 
 
@@ -380,6 +375,7 @@ def test_stats_sink_mean_sum_and_reset():
     (dict(gate_norm="virtual"), "gate_norm"),
     (dict(virtual_kind="noise"), "virtual_kind"),
     (dict(k_rounding="stochastic"), "k_rounding"),
+    (dict(k_rounding="round"), "k_rounding"),
 ])
 def test_bad_configs_raise_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^moe\.anyexperts\.{field}="):

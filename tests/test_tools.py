@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,143 @@ def test_plot_routing_summary_counts_real_virtual_and_dropped():
     assert row["k_histogram"] == [0, 1, 2, 1]
     # Positions are 0,0,1,1 in [sequence, batch] order: Pearson r of (0,.5,1,.5) with them is 1/sqrt(2).
     assert abs(row["corr_importance_position"] - 2 ** -0.5) < 1e-9
+
+
+def _classes_of(text: bytes) -> list[str]:
+    classes = plot_routing.token_classes(torch.tensor(list(text)).reshape(-1, 1))
+    assert classes.shape == (len(text), 1) and classes.dtype == torch.int64
+    return [plot_routing.CLASS_NAMES[c] for c in classes[:, 0].tolist()]
+
+
+def test_token_classes_of_one_sequence():
+    assert _classes_of(b"ab c\nd,") == ["word_start", "word_inner", "space", "word_start", "newline",
+                                        "word_start", "punctuation"]
+    assert _classes_of(b"\tx\ryZ9a") == ["space", "word_start", "newline", "word_start", "word_inner",
+                                         "other", "word_start"]
+    # A 1-D tensor is one sequence.
+    assert plot_routing.token_classes(torch.tensor(list(b"ab"))).tolist() == [plot_routing.WORD_START,
+                                                                              plot_routing.WORD_INNER]
+    # Every byte and end-of-document, each at position 0 of its own sequence ([1, 257]).
+    classes = plot_routing.token_classes(torch.arange(257).reshape(1, -1))[0]
+    expected = []
+    for b in range(257):
+        ch = chr(b)
+        if b in (32, 9):
+            expected.append("space")
+        elif b in (10, 13):
+            expected.append("newline")
+        elif b < 128 and ch in string.punctuation:
+            expected.append("punctuation")
+        elif b < 128 and ch.isalpha():
+            expected.append("word_start")
+        else:
+            expected.append("other")  # digits, other control bytes, non-ASCII bytes, eod 256
+    assert [plot_routing.CLASS_NAMES[c] for c in classes.tolist()] == expected
+    assert expected.count("punctuation") == 32 and expected.count("word_start") == 52
+
+
+# Two sequences of 7 tokens (256 = end-of-document), stored [sequence, batch]: row s * 2 + b.
+# Position 1 of each sequence has a letter in the row before it but not along its own sequence
+# (and the other way round), so taking the previous row instead of s - 1 gives other classes.
+_SEQ0 = list(b"ab c\nd,")
+_SEQ1 = list(b"1xy.Z\r") + [256]
+_CLASSES_SB = [  # [s][b]
+    ["word_start", "other"],
+    ["word_inner", "word_start"],
+    ["space", "word_inner"],
+    ["word_start", "punctuation"],
+    ["newline", "word_start"],
+    ["word_start", "newline"],
+    ["punctuation", "other"],
+]
+# Per token in [s, b] order: E = 4 real experts (ids 4, 5 virtual), K_max = 3.
+_ROUTING = [  # (expert_ids, virtual slots, dropped slots) -> real experts not dropped
+    ([0, 1, -1], [], []),   # (0,0) a      real 2, K 2
+    ([2, -1, -1], [], []),  # (0,1) 1      real 1, K 1
+    ([3, 4, -1], [1], []),  # (1,0) b      real 1, K 2
+    ([0, -1, -1], [], []),  # (1,1) x      real 1, K 1
+    ([4, -1, -1], [0], []),  # (2,0) space real 0, K 1
+    ([1, 2, 3], [], [2]),   # (2,1) y      real 2, K 3
+    ([2, 3, -1], [], []),   # (3,0) c      real 2, K 2
+    ([1, -1, -1], [], []),  # (3,1) .      real 1, K 1
+    ([0, 5, -1], [1], []),  # (4,0) \n     real 1, K 2
+    ([0, 1, 2], [], []),    # (4,1) Z      real 3, K 3
+    ([3, -1, -1], [], []),  # (5,0) d      real 1, K 1
+    ([2, 1, -1], [], [0]),  # (5,1) \r     real 1, K 2
+    ([1, -1, -1], [], []),  # (6,0) ,      real 1, K 1
+    ([4, 5, -1], [0, 1], []),  # (6,1) eod real 0, K 2
+]
+
+
+def _token_class_record() -> dict:
+    virtual = torch.zeros(14, 3, dtype=torch.bool)
+    dropped = torch.zeros(14, 3, dtype=torch.bool)
+    for i, (_, v, d) in enumerate(_ROUTING):
+        virtual[i, v] = True
+        dropped[i, d] = True
+    expert_ids = torch.tensor([ids for ids, _, _ in _ROUTING])
+    return {
+        "layer_number": 3, "num_experts": 4, "seq_length": 7,
+        "tokens": torch.tensor(_SEQ0 + _SEQ1).reshape(2, 7).t().reshape(-1),  # [b, s] -> [s, b] order
+        "k": (expert_ids >= 0).sum(1),
+        "importance": torch.linspace(0, 1, 14),
+        "expert_ids": expert_ids, "virtual_mask": virtual, "dropped_mask": dropped,
+    }
+
+
+def test_token_classes_take_the_previous_token_along_the_sequence():
+    record = _token_class_record()
+    assert record["tokens"][:4].tolist() == [ord("a"), ord("1"), ord("b"), ord("x")]
+    classes = plot_routing.token_classes(record["tokens"].reshape(7, 2))
+    assert [[plot_routing.CLASS_NAMES[c] for c in row] for row in classes.tolist()] == _CLASSES_SB
+
+
+def test_plot_routing_summary_by_token_class():
+    (row,) = plot_routing.summarise([_token_class_record()])
+    assert abs(row["real_per_token"] - 17 / 14) < 1e-6  # the unchanged overall mean (float32)
+    assert row["tokens_by_class"] == {"space": 1, "newline": 2, "punctuation": 2, "word_start": 5,
+                                      "word_inner": 2, "other": 2}
+    expected_real = {"space": 0.0, "newline": (1 + 1) / 2, "punctuation": (1 + 1) / 2,
+                     "word_start": (2 + 1 + 2 + 3 + 1) / 5, "word_inner": (1 + 2) / 2, "other": (1 + 0) / 2}
+    expected_k = {"space": 1.0, "newline": (2 + 2) / 2, "punctuation": (1 + 1) / 2,
+                  "word_start": (2 + 1 + 2 + 3 + 1) / 5, "word_inner": (2 + 3) / 2, "other": (1 + 2) / 2}
+    assert row["real_by_token_class"].keys() == expected_real.keys()
+    assert row["k_by_token_class"].keys() == expected_k.keys()
+    for name in expected_real:
+        assert abs(row["real_by_token_class"][name] - expected_real[name]) < 1e-12, name
+        assert abs(row["k_by_token_class"][name] - expected_k[name]) < 1e-12, name
+
+
+def test_plot_routing_summary_leaves_out_classes_without_tokens():
+    record = _token_class_record()
+    keep = torch.arange(14) % 2 == 0  # only the first sequence, b"ab c\nd,": no "other" token
+    one = {key: (value[keep] if torch.is_tensor(value) else value) for key, value in record.items()}
+    (row,) = plot_routing.summarise([one])
+    assert row["tokens_by_class"] == {"space": 1, "newline": 1, "punctuation": 1, "word_start": 3, "word_inner": 1}
+    assert "other" not in row["real_by_token_class"] and "other" not in row["k_by_token_class"]
+    assert abs(row["real_by_token_class"]["word_start"] - (2 + 2 + 1) / 3) < 1e-12
+    assert row["real_by_token_class"]["space"] == 0.0
+
+
+def test_plot_routing_prints_the_token_class_table_only_with_tokens(tmp_path, capsys):
+    from anyexperts.moe.trace import save_trace
+
+    with_tokens = _token_class_record()
+    without = {key: value for key, value in with_tokens.items() if key != "tokens"}
+    (row,) = plot_routing.summarise([without])
+    assert "real_by_token_class" not in row and "tokens_by_class" not in row and "k_by_token_class" not in row
+
+    path = save_trace([with_tokens, dict(with_tokens, layer_number=4)], tmp_path / "trace.npz")
+    assert plot_routing.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("real experts per token by token class (byte tokenizer)")
+    assert lines[start + 1].split() == ["layer", *plot_routing.CLASS_NAMES]
+    assert lines[start + 2].split() == ["3", "0.000", "1.000", "1.000", "1.800", "1.500", "0.500"]
+    assert lines[start + 3].split()[0] == "4"
+    assert lines[start + 4].split() == ["tokens", "1", "2", "2", "5", "2", "2"]
+    assert len(lines) == start + 5
+
+    path = save_trace([without], tmp_path / "plain.npz")
+    assert plot_routing.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "token class" not in out and len(out.splitlines()) == 2  # header and the one layer

@@ -10,17 +10,22 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+K_ROUNDINGS = ("fractional", "straight_through", "nearest", "dither")
+
+
 @dataclass
 class AnyExpertsConfig:
     # Per-token total slots K_i in [k_min, k_max], from the importance w_i (see k_rounding).
     k_min: int = 1
     k_max: int = 4
-    # nearest: K_i = k_min + round(w_i * span), span = k_max - k_min. dither: k_min + floor(w_i * span
-    # + d_s) with d_s = frac((s + 0.5) * 0.618...) from the token's sequence position s (router.py).
-    # w concentrates in training (std 0.04 on Shakespeare), so round() sends nearly every token to
-    # the same integer and the mean K snaps to it (budget 1.8 real -> measured 2.0); the dither makes
-    # the mean K over a sequence track k_min + mean(w) * span, so the budget term controls it.
-    k_rounding: str = "nearest"  # nearest | dither
+    # How w_i becomes K_i (allocation.py), kappa_i = k_min + w_i (k_max - k_min):
+    # fractional (learned): ceil(kappa) slots in training, the last weighted by frac, so the LM loss
+    #   reaches w; round(kappa) whole slots at evaluation (training computes up to one more slot).
+    # straight_through (learned): floor(kappa + d_s) slots in training and evaluation, the extra
+    #   slot's gradient from frac(kappa). nearest: round(kappa). dither: floor(kappa + d_s),
+    #   d_s = frac((s + 0.5) * 0.618...) from the sequence position s. nearest and dither give w no
+    #   gradient from the LM loss (K is an integer function of w): kept for ablation.
+    k_rounding: str = "fractional"  # fractional | straight_through | nearest | dither
     num_virtual_experts: int = 2
     # At most floor(rho_max * K_i) of a token's slots are virtual.
     rho_max: float = 0.25
@@ -69,8 +74,8 @@ class AnyExpertsConfig:
         min_real_at_kmax = self.k_max - int(self.rho_max * self.k_max)
         if min_real_at_kmax > num_experts:
             fail("k_max", f"needs at least {min_real_at_kmax} real experts per token but there are {num_experts}")
-        if self.k_rounding not in ("nearest", "dither"):
-            fail("k_rounding", "must be 'nearest' or 'dither'")
+        if self.k_rounding not in K_ROUNDINGS:
+            fail("k_rounding", f"must be one of {', '.join(K_ROUNDINGS)}")
         if self.virtual_kind not in ("zero", "copy", "constant"):
             fail("virtual_kind", "must be one of zero, copy, constant")
         if self.gate_norm not in ("all", "real"):

@@ -11,9 +11,10 @@ experts, V virtual experts, K = k_max slot columns):
 
   h [T, H]
   -> importance  w = sigmoid(MLP(h))                                     importance.py
-  -> router      K_i = k_min + round(w_i (k_max - k_min)) (or a position-dithered floor,
-                 k_rounding); logits over E + V; top K_i with at most
-                 floor(rho_max K_i) virtual; gates                         router.py
+  -> allocation  K_i from kappa_i = k_min + w_i (k_max - k_min): learned fractional
+                 last slot (default) or straight-through, round, dither   allocation.py
+  -> router      logits over E + V; top K_i with at most floor(rho_max K_i)
+                 virtual; gates (the last slot scaled by its mass)        router.py
   -> capacity    per-expert limit in real slots, least important dropped  capacity.py
   -> dispatcher  only real slots, one all_to_all_single (EP group)        dispatcher.py
   -> experts     g * FFN_e(x) over expert-sorted rows (gate applied here) experts.py (or megatron's
@@ -34,12 +35,13 @@ class (transformer_layer.py:352 checks the exact class), so this layer, given no
 parallel_state's groups (get_default_pg_collection). Tests pass their own collection.
 
 The importance MLP is frozen (requires_grad=False) when nothing gives w a gradient: no
-residual fusion (alpha = 0 and not learned) and no budget loss. w then still sets K and the
+learned allocation, no residual fusion (alpha = 0 and not learned) and no budget loss. w then still sets K and the
 capacity order, from its initial weights; an unfrozen MLP would only stall megatron DDP,
 which waits for gradients that never come.
 
 Not supported (ValueError): shared experts, MoE latent projections, tensor-parallel experts
-through GroupedExperts, k_rounding="dither" with sequence or context parallelism.
+through GroupedExperts, the positional k_roundings (dither, straight_through) with
+sequence or context parallelism.
 `padding_mask` is accepted for megatron's call signature and ignored: every token is routed
 and counted (the trainer packs sequences without padding).
 """
@@ -56,7 +58,8 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_de
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from anyexperts.moe import stats, trace
+from anyexperts.moe import allocation, stats, trace
+from anyexperts.moe.allocation import LEARNED_ROUNDINGS, POSITIONAL_ROUNDINGS
 from anyexperts.moe.capacity import CapacityPlan, apply_capacity
 from anyexperts.moe.config import AnyExpertsConfig
 from anyexperts.moe.dispatcher import VariableSlotAllToAll
@@ -122,10 +125,10 @@ class AnyExpertsMoELayer(BaseMoELayer):
         if getattr(config, "moe_latent_size", None):
             raise ValueError("moe_latent_size: MoE latent projections are not supported by AnyExperts")
         splits_sequence = config.sequence_parallel or config.context_parallel_size > 1
-        if self.ae.k_rounding == "dither" and splits_sequence:
+        if self.ae.k_rounding in POSITIONAL_ROUNDINGS and splits_sequence:
             # The dither's positions s would then be local to a shard of the sequence.
-            raise ValueError("k_rounding: 'dither' needs whole sequences on each rank (positions s), "
-                             "but sequence_parallel / context_parallel_size > 1 split them")
+            raise ValueError(f"k_rounding: {self.ae.k_rounding!r} needs whole sequences on each rank (positions s), "
+                             "but sequence_parallel / context_parallel_size > 1 split them; use 'fractional'")
         if submodules is None or submodules.experts is None:
             raise ValueError("submodules.experts: an expert module spec is required (see specs.py)")
         self.submodules = submodules
@@ -139,7 +142,7 @@ class AnyExpertsMoELayer(BaseMoELayer):
         self.importance = ImportancePredictor(hidden_size=config.hidden_size,
                                               importance_hidden_size=ae.importance_hidden_size,
                                               init_method=config.init_method, params_dtype=config.params_dtype)
-        if not (self.uses_fusion or self.aux_losses.uses_budget):
+        if not (self.learns_allocation or self.uses_fusion or self.aux_losses.uses_budget):
             # w then only sets K and capacity order (no gradient path): keep DDP from waiting for grads.
             self.importance.requires_grad_(False)
         router_cls = submodules.router
@@ -158,6 +161,10 @@ class AnyExpertsMoELayer(BaseMoELayer):
             self.register_buffer("alpha", torch.full((1,), float(ae.alpha), dtype=config.params_dtype), persistent=False)
 
     @property
+    def learns_allocation(self) -> bool:
+        return self.ae.k_rounding in LEARNED_ROUNDINGS and self.ae.k_max > self.ae.k_min
+
+    @property
     def uses_fusion(self) -> bool:
         return self.ae.learn_alpha or self.ae.alpha != 0.0
 
@@ -168,10 +175,13 @@ class AnyExpertsMoELayer(BaseMoELayer):
         ae, num_experts = self.ae, self.config.num_moe_experts
 
         importance_T = self.importance(hidden_TH)
-        # The dither needs s of [S, B, H]; the row order of hidden_TH is s * B + b.
-        position_T = (sequence_positions(in_shape, device=hidden_TH.device) if ae.k_rounding == "dither"
-                      else None)
-        routing = self.router(hidden_TH, importance_T, position_T)
+        # Position s of each row of [S, B, H] (row order s * B + b): the dither and the statistics use it.
+        position_T = sequence_positions(in_shape, device=hidden_TH.device)
+        allocation_importance_T = importance_T
+        if not self.training and allocation.shuffle_is_active():  # diagnostic: kappa of another token
+            allocation_importance_T = importance_T[allocation.shuffle_permutation(
+                importance_T.shape[0], layer_number=self.layer_number or 0, device=importance_T.device)]
+        routing = self.router(hidden_TH, allocation_importance_T, position_T)
         plan = apply_capacity(routing.real_expert_TK, importance_T, num_experts=num_experts,
                               capacity_factor=ae.capacity_factor)
         tokens_NH, tokens_per_expert, probs_N = self.token_dispatcher.dispatch(hidden_TH, plan.expert_TK,
@@ -188,11 +198,11 @@ class AnyExpertsMoELayer(BaseMoELayer):
         aux = None
         if self.training and torch.is_grad_enabled() and self.aux_losses.enabled:
             aux = self.aux_losses(logits_TX=routing.logits_TX, real_expert_TK=routing.real_expert_TK,
-                                  importance_T=importance_T, num_virtual_T=routing.num_virtual_T)
+                                  importance_T=importance_T, num_real_counted_T=routing.num_real_counted_T)
             if aux.attached is not None:
                 y_TH = MoEAuxLossAutoScaler.apply(y_TH, aux.attached)
         if stats.should_record(self.training) and hidden_TH.shape[0] > 0:
-            self._record_stats(importance_T, routing, plan, aux)
+            self._record_stats(importance_T, position_T, routing, plan, aux)
         if trace.is_active():
             trace.append(dict(layer_number=self.layer_number, importance=importance_T, k=routing.num_slots_T,
                               expert_ids=routing.entry_TK, virtual_mask=routing.is_virtual_TK,
@@ -200,12 +210,15 @@ class AnyExpertsMoELayer(BaseMoELayer):
         return y_TH.view(in_shape), None
 
     @torch.no_grad()
-    def _record_stats(self, importance_T: torch.Tensor, routing: Routing, plan: CapacityPlan,
-                      aux: Optional[AuxLosses]) -> None:
+    def _record_stats(self, importance_T: torch.Tensor, position_T: torch.Tensor, routing: Routing,
+                      plan: CapacityPlan, aux: Optional[AuxLosses]) -> None:
         ae, layer = self.ae, self.layer_number if self.layer_number is not None else 0
         num_real_T = routing.num_real_T
         # Counts average in float64: exact enough that per-rank means average to the global mean.
         stats.record(layer, "real_experts_per_token", num_real_T.double().mean())
+        if routing.num_real_at_eval_T is not None:  # fractional training computes more than evaluation
+            stats.record(layer, "real_experts_per_token_at_eval", routing.num_real_at_eval_T.double().mean())
+        stats.record_slot_moments(layer, routing.num_slots_T, position_T)
         stats.record(layer, "virtual_experts_per_token", routing.num_virtual_T.double().mean())
         stats.record(layer, "slots_per_token", routing.num_slots_T.double().mean())
         k_histogram = torch.zeros(ae.k_max - ae.k_min + 1, dtype=torch.float64, device=importance_T.device)

@@ -17,17 +17,18 @@ Terms (T tokens on this rank, E real experts, K_i slots, p = softmax over the re
   global_aux_loss), P_e over the local tokens. Each rank's loss is E * sum f_e P_e^rank, so
   after DDP averages the gradients over ranks they equal the gradient of the global-batch
   loss E * sum f_e P_e^global (equal token counts per rank).
-- budget: holds the mean real experts per token at `budget_target`. Real slots are
-  R_i = K_i - virtual_i with K_i ~ k_min + w_i (k_max - k_min), so the term is
-  (mean_w - w_target)^2 with w_target = (budget_target + mean_virtual - k_min) / (k_max - k_min)
-  (mean_virtual measured, no gradient; clamped to [0, 1]) - the squared deviation of the
-  expected mean real activations, in units of (k_max - k_min). It only acts on w (K itself
-  is an integer). `budget_scope` micro_batch: means over this rank's micro-batch;
-  global_batch: over the data-parallel ranks and the micro-batches so far. The graph gets
-  the linearisation 2 (m - w_target) * mean_w^rank with m the scope's mean (no gradient):
-  its gradient is that of (m - w_target)^2 with respect to this rank's tokens, which keeps
-  the global variant exact across ranks at the price of one scalar in the all-reduce.
-  Off when k_min == k_max (w then sets nothing).
+- budget: holds the mean real experts per token at `budget_target`, counted as they are
+  computed: the real slots the router selected (before capacity), or in fractional training
+  the real slots evaluation selects for the same tokens (Routing.num_real_counted_T). With
+  R the scope's mean count (no gradient) and span = k_max - k_min, the logged term is
+  ((R - budget_target) / span)^2 and the graph holds its linearisation
+  2 (R - budget_target) / span * mean_w^rank: a push on every token's w, towards fewer slots
+  when the count is over target. R is an integer count, so this is a controller on what is
+  computed rather than the gradient of a smooth function of w; it is the gradient of
+  (mean_w - w*)^2 when R = k_min + mean_w span - mean virtual (the continuous case).
+  `budget_scope` micro_batch: means over this rank's micro-batch; global_batch: over the
+  data-parallel ranks and the micro-batches so far, which keeps the global variant exact
+  across ranks at the price of one scalar in the all-reduce. Off when k_min == k_max.
 - router z-loss: mean over tokens of logsumexp(all E + V logits)^2 (ST-MoE).
 
 With tensor/context parallel groups larger than 1 (tokens split across tp x cp ranks, as
@@ -74,11 +75,6 @@ def z_loss(logits_TX: torch.Tensor) -> torch.Tensor:
     return torch.square(torch.logsumexp(_at_least_fp32(logits_TX), dim=-1)).sum() / max(logits_TX.shape[0], 1)
 
 
-def budget_target_importance(budget_target: float, mean_virtual: torch.Tensor, *, k_min: int, k_max: int) -> torch.Tensor:
-    """The mean w at which k_min + mean_w * span - mean_virtual equals budget_target."""
-    return ((budget_target + mean_virtual - k_min) / (k_max - k_min)).clamp(0.0, 1.0)
-
-
 @dataclass
 class AuxLosses:
     attached: Optional[torch.Tensor]       # sum of coeff x (graph term), what the autoscaler carries
@@ -109,8 +105,8 @@ class AuxLossTerms(nn.Module):
         self.scope_group = scope_group
         self.data_group = data_group
         self.per_token_loss = per_token_loss
-        # [E counts, real slots, sum w, sum virtual, tokens] summed over ranks and micro-batches.
-        self.register_buffer("global_sums", torch.zeros(num_experts + 4, dtype=torch.float64), persistent=False)
+        # [E counts, real slots, budget-counted real slots, tokens] summed over ranks and micro-batches.
+        self.register_buffer("global_sums", torch.zeros(num_experts + 3, dtype=torch.float64), persistent=False)
 
     @property
     def uses_budget(self) -> bool:
@@ -130,20 +126,19 @@ class AuxLossTerms(nn.Module):
         self.global_sums.data = self.global_sums.data.double()
         return self
 
-    def _sums(self, real_expert_TK, importance_T, num_virtual_T) -> torch.Tensor:
+    def _sums(self, real_expert_TK, importance_T, num_real_counted_T) -> torch.Tensor:
         # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (which would sync).
         num_tokens = torch.full((1,), float(importance_T.shape[0]), dtype=torch.float64, device=importance_T.device)
         counts_E = count_per_expert(real_expert_TK, num_experts=self.num_experts, dtype=torch.float64)
-        return torch.cat([counts_E, counts_E.sum().view(1), importance_T.detach().double().sum().view(1),
-                          num_virtual_T.double().sum().view(1), num_tokens])
+        return torch.cat([counts_E, counts_E.sum().view(1), num_real_counted_T.double().sum().view(1), num_tokens])
 
     def forward(self, *, logits_TX: torch.Tensor, real_expert_TK: torch.Tensor, importance_T: torch.Tensor,
-                num_virtual_T: torch.Tensor) -> AuxLosses:
+                num_real_counted_T: torch.Tensor) -> AuxLosses:
         ae, num_experts = self.ae, self.num_experts
         num_local_tokens = importance_T.shape[0]
         scope_size = _group_size(self.scope_group)
         with torch.no_grad():
-            local_sums = self._sums(real_expert_TK, importance_T, num_virtual_T)
+            local_sums = self._sums(real_expert_TK, importance_T, num_real_counted_T)
             micro_sums = local_sums
             if scope_size > 1:
                 micro_sums = local_sums.clone()
@@ -166,12 +161,10 @@ class AuxLossTerms(nn.Module):
             logged["load_balance"] = value.detach() * scope_size
         if self.uses_budget:
             sums = self.global_sums if ae.budget_scope == "global_batch" else micro_sums
-            num_tokens = sums[num_experts + 3].clamp(min=1)
+            num_tokens = sums[num_experts + 2].clamp(min=1)
             dtype = importance_T.dtype  # float32, or float64 in float64 models
-            mean_importance = (sums[num_experts + 1] / num_tokens).to(dtype)
-            target = budget_target_importance(ae.budget_target, (sums[num_experts + 2] / num_tokens).to(dtype),
-                                              k_min=ae.k_min, k_max=ae.k_max)
-            deviation = mean_importance - target
+            mean_real = (sums[num_experts + 1] / num_tokens).to(dtype)
+            deviation = (mean_real - ae.budget_target) / (ae.k_max - ae.k_min)
             local_mean_importance = importance_T.sum() / max(num_local_tokens * scope_size, 1)
             terms.append(ae.budget_coeff * 2.0 * deviation * local_mean_importance)
             logged["budget"] = deviation.square()

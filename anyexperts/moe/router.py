@@ -6,20 +6,13 @@
     routing.gate_TK          # [T, k_max] gates (0 on unused slots)
 
 One linear layer gives logits over the E real experts and the V virtual ones (rows E..E+V-1
-of the weight; AdaMoE's "null experts"). For token i with K_i = k_min + round(w_i *
-(k_max - k_min)) slots (importance.py), the router takes the top K_i entries with at most
-floor(rho_max * K_i) virtual ones: a virtual entry ranked past that cap is skipped and the
-next-best entry takes its place, so the excess is filled by real experts.
-
-k_rounding="dither" replaces the round() by K_i = k_min + floor(w_i * span + d_s), with
-d_s = frac((s + 0.5) * 0.618...) for the token's position s along the sequence (a golden-
-ratio low-discrepancy sequence). round() maps a concentrated w to one integer for nearly
-every token; with the dither the mean K over a sequence is k_min + mean(w) * span to within
-O(log(seq_len) / seq_len) (constant w, worst over w: 1.4 / seq_len at 128 positions, 2.4 /
-seq_len at 1024), so the budget term on mean(w) controls the mean slot count. d depends on
-s only, not on the batch index, so splitting the batch across ranks or micro-batches (the
-data- and expert-parallel layout) leaves every token's K unchanged. position_T is needed
-only for the dither (`sequence_positions`).
+of the weight; AdaMoE's "null experts"). Each token i gets K_i slots from its importance
+(allocation.py: round, dither, or the learned fractional / straight-through slot), and the
+router takes the top K_i entries with at most floor(rho_max * K_i) virtual ones: a virtual
+entry ranked past that cap is skipped and the next-best entry takes its place, so the
+excess is filled by real experts. position_T (`sequence_positions`) is needed only by the
+positional roundings (dither, straight_through); the dither depends on s only, not on the
+batch index, so splitting the batch across ranks or micro-batches leaves every K unchanged.
 
 Vectorised, no loop over tokens: one `topk` over k_max + V candidates (enough: at most V
 candidates are ever skipped), then a cumulative count of virtual candidates decides which
@@ -31,6 +24,7 @@ Gates are exp(logit - logsumexp over the normalisation set): over every selected
 (gate_norm="all", virtual entries dilute the real output) or over the selected real ones
 only (gate_norm="real"; virtual gates then use the same denominator, so real gates sum to
 1 and virtual gates come on top). This equals megatron's softmax over the top-k logits.
+In the learned allocations the last slot's gate is scaled by its mass (compute_gates).
 
 Aux-loss-free balancing (DeepSeek-V3): a per-expert `selection_bias` is added to the real
 logits for the selection only, never to the gates; losses.update_selection_biases() moves
@@ -48,6 +42,8 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from anyexperts.moe.allocation import allocate_slots
+from anyexperts.moe.allocation import dithered_num_slots, num_slots_from_importance  # noqa: F401 (re-exported)
 from anyexperts.moe.config import AnyExpertsConfig
 
 
@@ -61,6 +57,9 @@ class Routing:
     gate_TK: torch.Tensor            # gates, 0 on unused slots
     is_virtual_TK: torch.Tensor      # bool
     real_expert_TK: torch.Tensor     # int64 entry id on real slots, -1 on virtual/unused ones
+    # Real slots per token the budget counts: those evaluation selects (allocation.py); equal to
+    # num_real_T except in fractional training, which computes up to one more.
+    num_real_at_eval_T: Optional[torch.Tensor] = None
 
     @property
     def num_real_T(self) -> torch.Tensor:
@@ -70,10 +69,9 @@ class Routing:
     def num_virtual_T(self) -> torch.Tensor:
         return self.is_virtual_TK.sum(-1)
 
-
-# Golden-ratio conjugate: its continued fraction [0; 1, 1, 1, ...] makes frac(s * step) the most
-# evenly spread additive recurrence, so every run of consecutive positions covers [0, 1) evenly.
-DITHER_STEP = 0.6180339887498949
+    @property
+    def num_real_counted_T(self) -> torch.Tensor:
+        return self.num_real_T if self.num_real_at_eval_T is None else self.num_real_at_eval_T
 
 
 def sequence_positions(shape: Sequence[int], *, device=None) -> torch.Tensor:
@@ -86,33 +84,6 @@ def sequence_positions(shape: Sequence[int], *, device=None) -> torch.Tensor:
     num_tokens = math.prod(shape[:-1])
     num_sequences = shape[1] if len(shape) == 3 else 1
     return torch.arange(num_tokens, device=device) // num_sequences
-
-
-def num_slots_from_importance(importance_T: torch.Tensor, *, k_min: int, k_max: int) -> torch.Tensor:
-    """K_i = k_min + round(w_i * (k_max - k_min)) as int64, clamped to [k_min, k_max] (the
-    "nearest" k_rounding; dithered_num_slots below is the "dither" one).
-
-    torch.round rounds half to even; the clamp only guards w outside [0, 1] (never from a
-    sigmoid, but callers may pass their own w).
-    """
-    span = k_max - k_min
-    num_slots_T = k_min + torch.round(importance_T.detach().float() * span).to(torch.int64)
-    return num_slots_T.clamp_(k_min, k_max)
-
-
-def dithered_num_slots(importance_T: torch.Tensor, position_T: torch.Tensor, *, k_min: int,
-                       k_max: int) -> torch.Tensor:
-    """K_i = k_min + floor(w_i * (k_max - k_min) + d_i) as int64, d_i = frac((s_i + 0.5) * DITHER_STEP).
-
-    Elementwise float64 only (correctly rounded products and sums, no transcendental
-    functions): a token's K is the same whatever batch layout it is computed in. w = 0 gives
-    floor(d) = 0, so k_min; the clamp keeps w = 1 at k_max should span + d round up to
-    span + 1 (d within an ulp of 1), and guards w outside [0, 1] from other callers.
-    """
-    span = k_max - k_min
-    dither_T = torch.frac((position_T.to(device=importance_T.device, dtype=torch.float64) + 0.5) * DITHER_STEP)
-    extra_T = torch.floor(importance_T.detach().double() * span + dither_T).to(torch.int64)
-    return k_min + extra_T.clamp_(0, span)
 
 
 def count_per_expert(expert_TK: torch.Tensor, *, num_experts: int, dtype=torch.float32) -> torch.Tensor:
@@ -155,9 +126,17 @@ def select_slots(selection_scores_TX: torch.Tensor, num_slots_T: torch.Tensor, m
     return entry_TK[:, :k_max].contiguous()
 
 
-def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_experts: int,
-                  gate_norm: str) -> torch.Tensor:
-    """gate = exp(logit - logsumexp(logits of the normalisation set)); 0 on unused slots."""
+def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_experts: int, gate_norm: str,
+                  last_slot_mass_T: Optional[torch.Tensor] = None,
+                  num_slots_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """gate = exp(logit - logsumexp(logits of the normalisation set)); 0 on unused slots.
+
+    With last_slot_mass_T (the learned allocations, allocation.py), slot K_i - 1 weighs m_i:
+    gate_j = m_j exp(l_j) / max(sum over the normalisation set of m exp(l), max exp(l)), m = 1
+    on the other slots. The max keeps a lone normalised slot of mass m at gate m instead of 1
+    (slots are in rank order, so only a lone one can be outweighed), and the output moves
+    continuously from K - 1 whole slots (m -> 0) to K (m = 1). All masses 1 is the plain softmax.
+    """
     is_used_TK = entry_TK >= 0
     logit_TK = logits_TX.gather(1, entry_TK.clamp(min=0))
     if gate_norm == "real":
@@ -165,9 +144,18 @@ def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_expert
     else:
         in_norm_TK = is_used_TK
     masked_TK = logit_TK.masked_fill(~in_norm_TK, float("-inf"))
-    log_norm_T = torch.logsumexp(masked_TK, dim=-1, keepdim=True)
-    gate_TK = torch.exp(logit_TK - log_norm_T)
-    return gate_TK.masked_fill(~is_used_TK, 0.0)
+    if last_slot_mass_T is None:
+        log_norm_T = torch.logsumexp(masked_TK, dim=-1, keepdim=True)
+        gate_TK = torch.exp(logit_TK - log_norm_T)
+        return gate_TK.masked_fill(~is_used_TK, 0.0)
+    is_last_TK = torch.arange(entry_TK.shape[1], device=entry_TK.device) == (num_slots_T - 1).unsqueeze(-1)
+    mass_TK = torch.where(is_last_TK, last_slot_mass_T.to(logit_TK.dtype).unsqueeze(-1),
+                          torch.ones_like(logit_TK))
+    # Not detached: the shift must follow the lone-slot case exactly (gate m, no logit gradient).
+    shift_T1 = masked_TK.max(dim=-1, keepdim=True).values
+    weight_TK = (mass_TK * torch.exp(logit_TK - shift_T1)).masked_fill(~is_used_TK, 0.0)
+    norm_T1 = weight_TK.masked_fill(~in_norm_TK, 0.0).sum(-1, keepdim=True).clamp(min=1.0)
+    return weight_TK / norm_T1
 
 
 class AnyExpertsRouter(Router):
@@ -205,27 +193,32 @@ class AnyExpertsRouter(Router):
     def route(self, logits_TX: torch.Tensor, importance_T: torch.Tensor,
               position_T: Optional[torch.Tensor] = None) -> Routing:
         """The routing decision for given logits and importance (no parameters involved);
-        position_T (sequence_positions) is required with k_rounding="dither"."""
+        position_T (sequence_positions) is required with the positional k_roundings."""
         ae = self.ae
-        if ae.k_rounding == "dither":
-            if position_T is None:
-                raise ValueError("position_T: k_rounding='dither' needs each token's sequence position")
-            num_slots_T = dithered_num_slots(importance_T, position_T, k_min=ae.k_min, k_max=ae.k_max)
-        else:
-            num_slots_T = num_slots_from_importance(importance_T, k_min=ae.k_min, k_max=ae.k_max)
-        max_virtual_T = self.max_virtual_by_k.to(num_slots_T.device)[num_slots_T]
+        allocation = allocate_slots(importance_T, position_T, ae, training=self.training)
+        num_slots_T = allocation.num_slots_T
+        max_virtual_by_k = self.max_virtual_by_k.to(num_slots_T.device)
+        num_real_at_eval_T = None
         with torch.no_grad():
             scores_TX = logits_TX.detach()
             if self.bias_balancing:
                 bias_X = torch.cat([self.selection_bias, self.selection_bias.new_zeros(self.num_virtual_experts)])
                 scores_TX = scores_TX + bias_X  # float32 bias: promotes bf16 logits, keeps float64 ones
-            entry_TK = select_slots(scores_TX, num_slots_T, max_virtual_T, num_experts=self.num_experts,
-                                    k_max=ae.k_max)
-        gate_TK = compute_gates(logits_TX, entry_TK, num_experts=self.num_experts, gate_norm=ae.gate_norm)
+            entry_TK = select_slots(scores_TX, num_slots_T, max_virtual_by_k[num_slots_T],
+                                    num_experts=self.num_experts, k_max=ae.k_max)
+            if allocation.num_slots_at_eval_T is not num_slots_T:
+                # What evaluation would select for these tokens: the count the budget holds.
+                at_eval_T = allocation.num_slots_at_eval_T
+                entry_at_eval_TK = select_slots(scores_TX, at_eval_T, max_virtual_by_k[at_eval_T],
+                                                num_experts=self.num_experts, k_max=ae.k_max)
+                num_real_at_eval_T = ((entry_at_eval_TK >= 0) & (entry_at_eval_TK < self.num_experts)).sum(-1)
+        gate_TK = compute_gates(logits_TX, entry_TK, num_experts=self.num_experts, gate_norm=ae.gate_norm,
+                                last_slot_mass_T=allocation.last_slot_mass_T, num_slots_T=num_slots_T)
         is_virtual_TK = entry_TK >= self.num_experts
         real_expert_TK = entry_TK.masked_fill(is_virtual_TK, -1)
         return Routing(logits_TX=logits_TX, num_slots_T=num_slots_T, entry_TK=entry_TK, gate_TK=gate_TK,
-                       is_virtual_TK=is_virtual_TK, real_expert_TK=real_expert_TK)
+                       is_virtual_TK=is_virtual_TK, real_expert_TK=real_expert_TK,
+                       num_real_at_eval_T=num_real_at_eval_T)
 
     def routing(self, logits: torch.Tensor):  # megatron's abstract hook; the importance is needed too
         raise NotImplementedError("AnyExpertsRouter routes with route(logits_TX, importance_T, position_T)")

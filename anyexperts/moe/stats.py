@@ -17,11 +17,19 @@ data-parallel group of one pipeline stage); collect packs everything into one al
 collect() leaves the sink as it is; call reset() to start a new interval.
 
 Layers record only when training with gradients enabled, or when `set_enabled(True)` (e.g.
-for evaluation). collect() also derives `load_imbalance_global` per layer: max / mean of
-the collected tokens_per_expert (the interval's and group's mean load), beside the
-per-forward, per-rank `load_imbalance`.
+for evaluation); `with separate_sink():` records into a fresh sink for the block (the trainer
+keeps validation statistics apart from the training interval's that way). collect() also
+derives, per layer, from the interval's and group's sums:
+- `load_imbalance_global`: max / mean of the collected tokens_per_expert (beside the
+  per-forward, per-rank `load_imbalance`);
+- `k_std` (std over tokens of K), `k_off_mode_frac` (share of tokens whose K differs from
+  the most common K) and `k_position_corr` (Pearson correlation of K with the position in
+  the sequence), exact over every token of the interval, from `k_slot_moments` (sums of
+  1, K, K^2, s, s^2, K s: record_slot_moments), which collect() drops from its result.
 
-Names the AnyExperts layer records (layer.py): real_experts_per_token,
+Names the AnyExperts layer records (layer.py): real_experts_per_token (slots computed in
+that forward), real_experts_per_token_at_eval (fractional training only: what evaluation
+computes for the same tokens),
 virtual_experts_per_token, k_histogram (counts of K = k_min..k_max), importance_mean,
 importance_std, tokens_per_expert (length E: this rank's real slots per global expert after
 capacity), load_imbalance, dropped_slots, load_balance_loss, budget_loss, z_loss (when the
@@ -30,6 +38,8 @@ loss is on), a2a_bytes (bytes this rank sent to other ranks in dispatch + combin
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -83,11 +93,31 @@ class StatsSink:
             out.setdefault(name, {})[layer] = value.float().cpu()
         for layer, loads in out.get("tokens_per_expert", {}).items():
             out.setdefault("load_imbalance_global", {})[layer] = loads.max() / loads.mean().clamp(min=1e-12)
+        for layer, moments in out.pop("k_slot_moments", {}).items():
+            for name, value in _slot_statistics(moments.double(), out.get("k_histogram", {}).get(layer)).items():
+                out.setdefault(name, {})[layer] = value.float()
         return out
 
     def reset(self) -> None:
         self._sums.clear()
         self._counts.clear()
+
+
+def _slot_statistics(moments: torch.Tensor, k_histogram) -> dict[str, torch.Tensor]:
+    """k_std, k_position_corr (and k_off_mode_frac from the histogram) from summed moments."""
+    n = moments[0].clamp(min=1)
+    sum_k, sum_k2, sum_s, sum_s2, sum_ks = moments[1:]
+    var_k = (sum_k2 / n - (sum_k / n) ** 2).clamp(min=0)
+    var_s = (sum_s2 / n - (sum_s / n) ** 2).clamp(min=0)
+    cov = sum_ks / n - (sum_k / n) * (sum_s / n)
+    denom = (var_k * var_s).sqrt()
+    # Constant K (or one position) has no correlation to speak of: report 0, not NaN.
+    corr = torch.where(denom > 1e-12, cov / denom.clamp(min=1e-12), torch.zeros_like(cov))
+    result = {"k_std": var_k.sqrt(), "k_position_corr": corr}
+    if k_histogram is not None:
+        k_histogram = k_histogram.double()
+        result["k_off_mode_frac"] = 1.0 - k_histogram.max() / k_histogram.sum().clamp(min=1)
+    return result
 
 
 _SINK = StatsSink()
@@ -103,8 +133,29 @@ def collect(group=None) -> dict[str, dict[int, torch.Tensor]]:
     return _SINK.collect(group)
 
 
+def record_slot_moments(layer_number: int, num_slots_T: torch.Tensor, position_T: torch.Tensor) -> None:
+    """Sums of 1, K, K^2, s, s^2, K s over these tokens (collect derives k_std, k_position_corr)."""
+    k_T, s_T = num_slots_T.double(), position_T.to(device=num_slots_T.device, dtype=torch.float64)
+    moments = torch.stack([torch.ones_like(k_T), k_T, k_T * k_T, s_T, s_T * s_T, k_T * s_T]).sum(-1)
+    _SINK.record(layer_number, "k_slot_moments", moments, reduction="sum")
+
+
 def reset() -> None:
     _SINK.reset()
+
+
+@contextlib.contextmanager
+def separate_sink(*, enabled: bool = True) -> Iterator[StatsSink]:
+    """Records go to a fresh sink inside the block (enabled: also outside training); the
+    previous sink, with its interval so far, is back afterwards. Use sink.collect(group)."""
+    global _SINK
+    previous, sink = _SINK, StatsSink()
+    sink.enabled = enabled
+    _SINK = sink
+    try:
+        yield sink
+    finally:
+        _SINK = previous
 
 
 def set_enabled(enabled: bool) -> None:
