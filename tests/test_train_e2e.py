@@ -62,7 +62,8 @@ def _ep2_and_ep1_runs(root: Path, extra: list[str], *, steps_ep2: int, steps_ep1
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return _ep2_and_ep1_runs(tmp_path_factory.mktemp("runs"), [], steps_ep2=8, steps_ep1=3)
+    # The main job runs AnyExperts; these runs keep megatron's own MoELayer covered.
+    return _ep2_and_ep1_runs(tmp_path_factory.mktemp("runs"), ["moe=topk"], steps_ep2=8, steps_ep1=3)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,23 @@ def test_anyexperts_run_learns_with_fewer_real_experts_than_k_max(anyexperts_run
     assert any(k.startswith("moe/k_histogram/layer") for k in records[-1])
 
 
+def test_anyexperts_run_logs_the_allocation_diagnostics(anyexperts_runs):
+    _, ep2 = anyexperts_runs
+    records = [json.loads(line) for line in (ep2 / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert "val_loss" in last and "val_loss_shuffled_allocation" in last
+    assert abs(last["val_loss_shuffled_allocation"] - last["val_loss"]) < 1.0  # same batches, same model
+    for layer in (1, 2):
+        for name in ("k_std", "k_off_mode_frac", "k_position_corr", "real_experts_per_token_at_eval",
+                     "val_real_experts_per_token", "val_k_off_mode_frac", "importance_loss_spearman"):
+            assert f"moe/{name}/layer{layer}" in last, name
+        assert 0.0 <= last[f"moe/k_off_mode_frac/layer{layer}"] <= 1.0
+        assert -1.0 <= last[f"moe/importance_loss_spearman/layer{layer}"] <= 1.0
+        assert 1.0 <= last[f"moe/val_real_experts_per_token/layer{layer}"] <= 3.0
+    # Fractional training computes ceil(kappa) slots: never fewer than evaluation's round(kappa).
+    assert last["real_experts_per_token"] >= last["real_experts_per_token_at_eval"] - 1e-6
+
+
 def test_anyexperts_expert_parallel_matches_single_process(anyexperts_runs):
     ep1, ep2 = anyexperts_runs
     for step, (a, b) in enumerate(zip(_losses(ep1), _losses(ep2)[:4]), start=1):
@@ -149,7 +167,8 @@ def test_routing_trace_is_written_and_readable(anyexperts_runs):
     assert [t.name for t in traces] == ["step_0000004_rank0.npz", "step_0000004_rank1.npz",
                                         "step_0000008_rank0.npz", "step_0000008_rank1.npz"]
     proc = _run([sys.executable, "tools/plot_routing.py", str(traces[-1])], timeout=120)
-    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    first_table = proc.stdout.split("\n\n")[0]
+    rows = [line.split() for line in first_table.splitlines()[1:]]
     assert [row[0] for row in rows] == ["1", "2"]
     for row in rows:
         assert 1.0 <= float(row[2]) <= 3.0  # mean K within [k_min, k_max]

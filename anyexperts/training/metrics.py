@@ -37,10 +37,12 @@ def _jsonable(value: Any) -> Any:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True, console: bool = True,
-                 max_steps: int = 0) -> None:
+                 max_steps: int = 0, real_experts_budget: Optional[float] = None) -> None:
         self.enabled = enabled
         self.console = console and enabled
         self.max_steps = max_steps
+        # Real experts per token the run is meant to compute (top-k: k; AnyExperts: budget_target).
+        self.real_experts_budget = real_experts_budget
         self._jsonl = None
         self._writer = None
         self._start_time = time.monotonic()
@@ -90,6 +92,17 @@ class MetricsLogger:
                          ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:.0f} tok/s")):
             if key in scalars and scalars[key] is not None:
                 parts.append(fmt.format(_jsonable(scalars[key])))
+        real = scalars.get("real_experts_per_token")
+        if real is not None:
+            text = f"real/tok {real:.2f}"
+            at_eval = scalars.get("real_experts_per_token_at_eval")
+            if at_eval is not None:  # fractional training computes more than evaluation will
+                text += f" (train; {at_eval:.2f} at eval)"
+            if scalars.get("val_real_experts_per_token") is not None:
+                text += f" val {scalars['val_real_experts_per_token']:.2f}"
+            if self.real_experts_budget is not None:
+                text += f" budget {self.real_experts_budget:.2f}"
+            parts.append(text)
         if math.isfinite(eta):
             parts.append(f"ETA {_format_duration(eta)}")
         print(" | ".join(parts), file=sys.stdout, flush=True)

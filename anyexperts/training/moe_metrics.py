@@ -75,3 +75,17 @@ def summarize(scalars: dict[str, float], name: str) -> Optional[float]:
     """Mean over layers of `moe/<name>/layer*` (for the console line)."""
     values = [v for k, v in scalars.items() if k.startswith(f"moe/{name}/layer")]
     return sum(values) / len(values) if values else None
+
+
+LAYER_MEAN_NAMES = ("real_experts_per_token", "real_experts_per_token_at_eval", "val_real_experts_per_token")
+
+
+def layer_means(scalars: dict[str, float]) -> dict[str, float]:
+    """Means over the MoE layers of the real-expert counts, under their plain names
+    (`real_experts_per_token`, ...), for the console line and a quick look in metrics.jsonl."""
+    means = {}
+    for name in LAYER_MEAN_NAMES:
+        value = summarize(scalars, name)
+        if value is not None:
+            means[name] = value
+    return means

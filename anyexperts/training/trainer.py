@@ -21,9 +21,10 @@ from anyexperts import cpu_support
 from anyexperts.config import TrainConfig
 from anyexperts.training.batches import BatchLayout, micro_batches
 from anyexperts.training.metrics import MetricsLogger
+from anyexperts.moe import allocation, stats
 from anyexperts.moe.losses import reset_global_batch_state, update_selection_biases
 from anyexperts.moe.trace import routing_trace, save_trace
-from anyexperts.training import moe_metrics
+from anyexperts.training import allocation_eval, moe_metrics
 from anyexperts.training.optim import build_optimizer, build_scheduler, current_lr, wrap_ddp
 from anyexperts.training.checkpoint import Checkpointer  # issue 5
 from anyexperts.training.signals import StopSignal, debug_hooks, signal_name  # issue 5
@@ -98,10 +99,13 @@ def build_datasets(cfg: TrainConfig, prefix: str, tokenizer):
     return train_ds, valid_ds
 
 
+def _per_token_loss(model, batch: dict) -> torch.Tensor:
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+
+
 def _forward_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token loss over unmasked tokens, number of those tokens) for one micro-batch."""
-    per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                           labels=batch["labels"])
+    per_token_loss = _per_token_loss(model, batch)
     mask = batch["loss_mask"].to(per_token_loss.dtype)
     return (per_token_loss.float() * mask).sum(), mask.sum()
 
@@ -112,33 +116,81 @@ def _global_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor, group) -> flo
     return (packed[0] / packed[1].clamp(min=1)).item()
 
 
+@dataclass
+class EvalResult:
+    val_loss: float
+    # Logged beside val_loss: validation routing statistics (moe/val_<name>/layer<i>),
+    # moe/importance_loss_spearman/layer<i> and val_loss_shuffled_allocation.
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+def _real_experts_budget(cfg: TrainConfig) -> Optional[float]:
+    if cfg.moe.kind == "topk":
+        return float(cfg.moe.router_topk)
+    if cfg.moe.kind == "anyexperts":
+        ae = cfg.moe.anyexperts
+        return ae.budget_target if ae.budget_target is not None else None
+    return None
+
+
+def _learns_allocation(cfg: TrainConfig) -> bool:
+    ae = cfg.moe.anyexperts
+    return cfg.moe.kind == "anyexperts" and ae.k_max > ae.k_min
+
+
 @torch.no_grad()
 def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, eval_index: int,
-             trace_path: Optional[Path] = None) -> float:
+             trace_path: Optional[Path] = None) -> EvalResult:
     """Mean validation loss over trainer.eval_iters global batches; with trace_path, the
-    routing of this rank's first micro-batch is saved there (anyexperts.moe.trace)."""
+    routing of this rank's first micro-batch is saved there (anyexperts.moe.trace).
+
+    With AnyExperts layers of variable K, also the routing statistics of these batches,
+    the importance-loss correlation and the loss with the allocation shuffled (a second
+    pass over the same batches: evaluation costs twice as much).
+    """
     model.eval()
-    loss_sum = torch.zeros((), device=_device())
-    num_tokens = torch.zeros((), device=_device())
-    samples_per_eval = cfg.trainer.eval_iters * cfg.trainer.global_batch_size
-    for it in range(cfg.trainer.eval_iters):
-        consumed = eval_index * samples_per_eval + it * cfg.trainer.global_batch_size
-        for micro, batch in enumerate(micro_batches(dataset, layout, consumed, device=_device())):
-            if trace_path is not None and it == 0 and micro == 0:
-                with routing_trace() as trace:
-                    s, n = _forward_loss(model, batch)
-                # The layers see tokens in [sequence, batch] order.
-                tokens_T = batch["tokens"].t().reshape(-1).cpu()
-                for record in trace:
-                    record["tokens"] = tokens_T
-                    record["seq_length"] = batch["tokens"].shape[1]
-                save_trace(trace, trace_path)
-            else:
-                s, n = _forward_loss(model, batch)
-            loss_sum += s
-            num_tokens += n
-    model.train()
-    return _global_mean(loss_sum, num_tokens, dp_group)
+    diagnose = _learns_allocation(cfg)
+    correlation = allocation_eval.ImportanceLossCorrelation()
+
+    def run_pass(*, record: bool) -> float:
+        loss_sum = torch.zeros((), device=_device())
+        num_tokens = torch.zeros((), device=_device())
+        samples_per_eval = cfg.trainer.eval_iters * cfg.trainer.global_batch_size
+        for it in range(cfg.trainer.eval_iters):
+            consumed = eval_index * samples_per_eval + it * cfg.trainer.global_batch_size
+            for micro, batch in enumerate(micro_batches(dataset, layout, consumed, device=_device())):
+                save_here = record and trace_path is not None and it == 0 and micro == 0
+                if (record and diagnose) or save_here:
+                    with routing_trace() as trace:
+                        per_token_loss = _per_token_loss(model, batch)
+                    if record and diagnose:
+                        correlation.add(trace, per_token_loss, batch["loss_mask"])
+                    if save_here:
+                        # The layers see tokens in [sequence, batch] order.
+                        tokens_T = batch["tokens"].t().reshape(-1).cpu()
+                        for entry in trace:
+                            entry["tokens"] = tokens_T
+                            entry["seq_length"] = batch["tokens"].shape[1]
+                        save_trace(trace, trace_path)
+                else:
+                    per_token_loss = _per_token_loss(model, batch)
+                mask = batch["loss_mask"].to(per_token_loss.dtype)
+                loss_sum += (per_token_loss.float() * mask).sum()
+                num_tokens += mask.sum()
+        return _global_mean(loss_sum, num_tokens, dp_group)
+
+    try:
+        with stats.separate_sink(enabled=diagnose) as sink:
+            val_loss = run_pass(record=True)
+        result = EvalResult(val_loss=val_loss)
+        if diagnose:
+            result.scalars.update(allocation_eval.validation_stat_scalars(sink.collect(group=dp_group)))
+            result.scalars.update(correlation.collect(group=dp_group))
+            with stats.separate_sink(enabled=False), allocation.shuffled_allocation(seed=eval_index):
+                result.scalars["val_loss_shuffled_allocation"] = run_pass(record=False)
+    finally:
+        model.train()
+    return result
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
@@ -151,7 +203,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
     setup_parallel(cfg)
     is_logging_rank = dist.get_rank() == 0
     logger = MetricsLogger(run_dir, enabled=is_logging_rank, tensorboard=cfg.logging.tensorboard,
-                           console=cfg.logging.console, max_steps=cfg.trainer.max_steps)
+                           console=cfg.logging.console, max_steps=cfg.trainer.max_steps,
+                           real_experts_budget=_real_experts_budget(cfg))
     dp_group = parallel_state.get_data_parallel_group()
     layout = BatchLayout(
         micro_batch_size=cfg.trainer.micro_batch_size,
@@ -191,10 +244,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                 raise RuntimeError(f"trainer.eval_only=true found no checkpoint (checkpoint.resume="
                                    f"{cfg.checkpoint.resume}); set checkpoint.resume=<path of a checkpoint>")
             # The same validation samples the training run used at this step.
-            val_loss = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
-                                eval_index=state.step // cfg.trainer.eval_interval)
+            evaluation = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
+                                  eval_index=state.step // cfg.trainer.eval_interval)
+            val_loss = evaluation.val_loss
             result.val_losses[state.step] = val_loss
-            logger.log(state.step, {"val_loss": val_loss, "eval_only": True})
+            logger.log(state.step, {"val_loss": val_loss, "eval_only": True, **evaluation.scalars})
             logger.info(f"eval_only: step {state.step} val_loss {val_loss:.6f}")
         finally:
             logger.close()
@@ -234,13 +288,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {state.step}; lower optim.lr or check the data")
 
-            val_loss = None
+            val_loss, val_scalars = None, {}
             if state.step % cfg.trainer.eval_interval == 0 or state.step == cfg.trainer.max_steps:
                 trace_path = None
                 if cfg.trainer.routing_trace_interval and state.step % cfg.trainer.routing_trace_interval == 0:
                     trace_path = run_dir / "routing_traces" / f"step_{state.step:07d}_rank{dist.get_rank()}.npz"
-                val_loss = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
-                                    eval_index=state.step // cfg.trainer.eval_interval, trace_path=trace_path)
+                evaluation = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
+                                      eval_index=state.step // cfg.trainer.eval_interval, trace_path=trace_path)
+                val_loss, val_scalars = evaluation.val_loss, evaluation.scalars
                 result.val_losses[state.step] = val_loss
 
             if state.step % cfg.logging.log_interval == 0 or val_loss is not None or state.step == 1:
@@ -258,6 +313,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                 moe_scalars, moe_vectors = moe_metrics.collect_moe_metrics(
                     num_micro_batches=layout.num_micro_batches * window_steps, dp_group=dp_group)
                 scalars.update(moe_scalars)
+                scalars.update(val_scalars)
+                scalars.update(moe_metrics.layer_means(scalars))
                 logger.log(state.step, scalars, moe_vectors)
                 logger.progress(state.step, scalars)
                 window_start, window_steps = time.monotonic(), 0
