@@ -103,6 +103,8 @@ class TrainerConfig:
     # Every this many steps (0 = never), dump the routing of the first validation micro-batch
     # (per-token importance, K, chosen experts) to <run_dir>/routing_traces/ (AnyExperts layers).
     routing_trace_interval: int = 0
+    # Also dump one at the last step's validation (the main job does: tools/plot_routing.py reads it).
+    routing_trace_at_end: bool = False
     # --- checkpoint / preemption (issue 5; anyexperts/training/checkpoint.py, signals.py) ---
     # After a stop signal (SIGTERM/SIGUSR1/SIGINT) and its checkpoint, rank 0 runs
     # `scontrol requeue $SLURM_JOB_ID` (when SLURM_JOB_ID is set).

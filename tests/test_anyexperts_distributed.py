@@ -13,6 +13,7 @@ scaled by 1 / data-parallel size (megatron's expert_gradient_scaling_factor; the
 expert-data-parallel group has one rank here). Each rank's main loss is the mean over
 its tokens of <out, R> for a fixed random R.
 
+The global case runs the learned fractional allocation, the micro case the straight-through one.
 What "the same" means per aux-loss scope:
 - global_batch (load balance and budget): f_e and the budget's mean importance are
   all-reduced over the data-parallel ranks, so one EP step must equal ONE reference pass
@@ -49,11 +50,14 @@ def _ae_config(case: str):
     from anyexperts import AnyExpertsConfig
 
     if case == "global":
-        return AnyExpertsConfig(k_min=1, k_max=4, num_virtual_experts=2, rho_max=0.5, virtual_kind="constant",
+        return AnyExpertsConfig(k_min=1, k_max=4, k_rounding="fractional", num_virtual_experts=2, rho_max=0.5,
+                                virtual_kind="constant",
                                 gate_norm="real", alpha=0.2, learn_alpha=True, load_balance_coeff=0.1,
                                 load_balance_scope="global_batch", budget_coeff=0.5, budget_target=2.0,
                                 budget_scope="global_batch", z_loss_coeff=0.01, bias_update_rate=0.05)
-    return AnyExpertsConfig(k_min=2, k_max=4, num_virtual_experts=1, rho_max=0.34, virtual_kind="copy",
+    # straight_through needs positions: each micro-batch of the reference has the EP chunk's shape.
+    return AnyExpertsConfig(k_min=2, k_max=4, k_rounding="straight_through", num_virtual_experts=1, rho_max=0.34,
+                            virtual_kind="copy",
                             gate_norm="all", alpha=0.2, load_balance_coeff=0.1, budget_coeff=0.5, budget_target=3.0,
                             z_loss_coeff=0.01, capacity_factor=1.0)
 

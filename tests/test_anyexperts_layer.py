@@ -72,8 +72,9 @@ def _reduction(expert_module_name: str, num_experts: int, topk: int) -> dict:
     config = transformer_config(num_moe_experts=num_experts, moe_router_topk=topk)
     reference = build_module(get_moe_module_spec(use_te=False, num_experts=num_experts), config=config,
                              layer_number=1)
-    ae = AnyExpertsConfig(k_min=topk, k_max=topk, num_virtual_experts=0, rho_max=0.0, alpha=0.0,
-                          load_balance_coeff=0.0, budget_coeff=0.0, z_loss_coeff=0.0)
+    # The learned allocation (the default) with one slot count: nothing left to allocate.
+    ae = AnyExpertsConfig(k_min=topk, k_max=topk, k_rounding="fractional", num_virtual_experts=0, rho_max=0.0,
+                          alpha=0.0, load_balance_coeff=0.0, budget_coeff=0.0, z_loss_coeff=0.0)
     use_sequential = expert_module_name == "SequentialMLP"
     ours = build_layer(config, ae, expert_module=SequentialMLP if use_sequential else None)
     with torch.no_grad():

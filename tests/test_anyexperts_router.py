@@ -319,6 +319,30 @@ def test_aux_loss_terms_micro_batch_values_and_budget_gradient():
     torch.testing.assert_close(importance.grad, torch.full((8,), float(expected_grad)))
 
 
+def test_budget_term_also_pushes_the_virtual_mass():
+    # Over budget, the term asks for fewer slots (w down) and more virtual slots (q up).
+    cfg = AnyExpertsConfig(k_min=1, k_max=3, budget_target=1.5, budget_coeff=1.0, z_loss_coeff=0.0,
+                           load_balance_coeff=0.0, num_virtual_experts=1, rho_max=0.5)
+    inputs = _aux_inputs(3)
+    num_slots = torch.full((8,), 3)
+    aux = AuxLossTerms(cfg, num_experts=4)(**inputs, num_slots_T=num_slots)
+    aux.attached.backward()
+    deviation = float(inputs["num_real_counted_T"].double().mean() - 1.5) / 2
+    assert deviation > 0
+    logits = inputs["logits_TX"].detach().clone().requires_grad_(True)
+    virtual_mass = torch.softmax(logits, -1)[:, 4]
+    expected = (2 * deviation * (-(virtual_mass * 3 / 2)).sum() / 8)
+    expected.backward()
+    torch.testing.assert_close(inputs["logits_TX"].grad, logits.grad)
+    assert torch.all(inputs["logits_TX"].grad[:, 4] < 0)  # descent raises every virtual logit
+    assert torch.all(inputs["importance_T"].grad > 0)      # and lowers every w
+    # Switched off, the logits get no budget gradient.
+    off = _aux_inputs(3)
+    cfg_off = AnyExpertsConfig(**{**cfg.__dict__, "budget_on_virtual": False})
+    AuxLossTerms(cfg_off, num_experts=4)(**off, num_slots_T=num_slots).attached.backward()
+    assert off["logits_TX"].grad is None or torch.all(off["logits_TX"].grad == 0)
+
+
 def test_global_batch_scope_accumulates_over_micro_batches_until_reset():
     cfg = AnyExpertsConfig(k_min=2, k_max=2, load_balance_scope="global_batch", z_loss_coeff=0.0,
                            budget_coeff=0.0)

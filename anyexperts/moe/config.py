@@ -46,6 +46,9 @@ class AnyExpertsConfig:
     # micro_batch: the budget term over this rank's micro-batch; global_batch: over the
     # data-parallel ranks and the micro-batches of the step so far (losses.py).
     budget_scope: str = "micro_batch"  # micro_batch | global_batch
+    # The budget term also moves the router's mass on virtual entries (losses.py): over budget,
+    # more virtual slots as well as fewer slots, so the router learns when a virtual one is enough.
+    budget_on_virtual: bool = True
     z_loss_coeff: float = 1e-3
     # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias, updated by this rate.
     bias_update_rate: float = 0.0

@@ -198,7 +198,8 @@ class AnyExpertsMoELayer(BaseMoELayer):
         aux = None
         if self.training and torch.is_grad_enabled() and self.aux_losses.enabled:
             aux = self.aux_losses(logits_TX=routing.logits_TX, real_expert_TK=routing.real_expert_TK,
-                                  importance_T=importance_T, num_real_counted_T=routing.num_real_counted_T)
+                                  importance_T=importance_T, num_real_counted_T=routing.num_real_counted_T,
+                                  num_slots_T=routing.num_slots_T)
             if aux.attached is not None:
                 y_TH = MoEAuxLossAutoScaler.apply(y_TH, aux.attached)
         if stats.should_record(self.training) and hidden_TH.shape[0] > 0:

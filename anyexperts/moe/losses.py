@@ -26,6 +26,10 @@ Terms (T tokens on this rank, E real experts, K_i slots, p = softmax over the re
   when the count is over target. R is an integer count, so this is a controller on what is
   computed rather than the gradient of a smooth function of w; it is the gradient of
   (mean_w - w*)^2 when R = k_min + mean_w span - mean virtual (the continuous case).
+  With virtual experts (and `budget_on_virtual`), the same push also acts on q_i, the
+  router's probability mass on virtual entries: the term is 2 (R - target) / span *
+  mean(w_i - K_i q_i / span), so over budget both fewer slots and more virtual slots are
+  asked for, and the language-model loss decides, token by token, which costs less.
   `budget_scope` micro_batch: means over this rank's micro-batch; global_batch: over the
   data-parallel ranks and the micro-batches so far, which keeps the global variant exact
   across ranks at the price of one scalar in the all-reduce. Off when k_min == k_max.
@@ -133,7 +137,7 @@ class AuxLossTerms(nn.Module):
         return torch.cat([counts_E, counts_E.sum().view(1), num_real_counted_T.double().sum().view(1), num_tokens])
 
     def forward(self, *, logits_TX: torch.Tensor, real_expert_TK: torch.Tensor, importance_T: torch.Tensor,
-                num_real_counted_T: torch.Tensor) -> AuxLosses:
+                num_real_counted_T: torch.Tensor, num_slots_T: Optional[torch.Tensor] = None) -> AuxLosses:
         ae, num_experts = self.ae, self.num_experts
         num_local_tokens = importance_T.shape[0]
         scope_size = _group_size(self.scope_group)
@@ -165,8 +169,16 @@ class AuxLossTerms(nn.Module):
             dtype = importance_T.dtype  # float32, or float64 in float64 models
             mean_real = (sums[num_experts + 1] / num_tokens).to(dtype)
             deviation = (mean_real - ae.budget_target) / (ae.k_max - ae.k_min)
-            local_mean_importance = importance_T.sum() / max(num_local_tokens * scope_size, 1)
-            terms.append(ae.budget_coeff * 2.0 * deviation * local_mean_importance)
+            span = ae.k_max - ae.k_min
+            pressure_T = importance_T
+            num_virtual = logits_TX.shape[-1] - num_experts
+            if ae.budget_on_virtual and num_virtual > 0 and ae.rho_max > 0 and num_slots_T is not None:
+                # The second way to cut real compute: more of the token's K slots virtual. q_i, the
+                # router's virtual mass (softmax over E + V), moves the real count by -K_i q_i.
+                virtual_mass_T = torch.softmax(_at_least_fp32(logits_TX), dim=-1)[:, num_experts:].sum(-1)
+                pressure_T = importance_T - virtual_mass_T.to(dtype) * num_slots_T.to(dtype) / span
+            local_mean_pressure = pressure_T.sum() / max(num_local_tokens * scope_size, 1)
+            terms.append(ae.budget_coeff * 2.0 * deviation * local_mean_pressure)
             logged["budget"] = deviation.square()
         if ae.z_loss_coeff > 0:
             value = z_loss(logits_TX) / scope_size

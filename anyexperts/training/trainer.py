@@ -291,7 +291,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
             val_loss, val_scalars = None, {}
             if state.step % cfg.trainer.eval_interval == 0 or state.step == cfg.trainer.max_steps:
                 trace_path = None
-                if cfg.trainer.routing_trace_interval and state.step % cfg.trainer.routing_trace_interval == 0:
+                tr = cfg.trainer
+                if ((tr.routing_trace_interval and state.step % tr.routing_trace_interval == 0)
+                        or (tr.routing_trace_at_end and state.step == tr.max_steps)):
                     trace_path = run_dir / "routing_traces" / f"step_{state.step:07d}_rank{dist.get_rank()}.npz"
                 evaluation = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
                                       eval_index=state.step // cfg.trainer.eval_interval, trace_path=trace_path)
