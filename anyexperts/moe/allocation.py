@@ -8,21 +8,26 @@
 kappa_i = k_min + w_i (k_max - k_min) is the continuous slot count. `k_rounding` turns it
 into slots:
 
-- nearest: K = round(kappa). dither: K = floor(kappa + d_s), d_s a golden-ratio sequence
-  over the token's position s (router.py). Both are integer functions of w: the language-
-  model loss never reaches w through them (kept for ablation).
+- straight_through (learned; the default): K = floor(kappa + d_s) in training and
+  evaluation alike, d_s = frac((s + 0.5) * 0.618...) a golden-ratio sequence over the
+  token's position s, so training computes exactly what evaluation does and the mean K
+  over a sequence tracks the mean kappa. When the dither rounded kappa up, the extra slot
+  keeps weight 1 in the forward but carries the gradient of frac(kappa) in the backward
+  (a straight-through estimator of the fractional slot below): dL/dw = span * <dL/dy,
+  that slot's gated output>, whether the extra expert helped. Tokens rounded down give w
+  no gradient from the loss.
 - fractional (learned): in training K = ceil(kappa) slots in router order, the last one
   weighted by its mass m = kappa - (K - 1) in (0, 1]; the router's gates give that slot
   m times the weight a whole slot would get (router.compute_gates), so the output moves
-  continuously from K - 1 to K slots as kappa grows and dL/dw = span * dL/dm is whether
-  one more expert helped this token. At evaluation K = round(kappa) with whole slots.
-  Training computes up to one extra real slot per token; the budget term holds what
-  evaluation computes (`num_slots_at_eval_T`), and the layer logs both counts.
-- straight_through (learned): K = floor(kappa + d_s) in training and evaluation alike
-  (the dither), so training computes exactly what evaluation does. When the dither
-  rounded kappa up, the extra slot keeps weight 1 in the forward but carries the
-  gradient of frac(kappa) in the backward (a straight-through estimator of the
-  fractional slot); tokens rounded down give w no gradient from the loss.
+  continuously from K - 1 to K slots as kappa grows and dL/dw is exact (tested against
+  finite differences). At evaluation K = round(kappa) with whole slots. Training computes
+  up to one extra real slot per token; the budget term holds what evaluation computes
+  (`num_slots_at_eval_T`), and the layer logs both counts. No positions: the mode for
+  sequence- or context-parallel layouts.
+- nearest: K = round(kappa). dither: K = floor(kappa + d_s). Integer functions of w: the
+  language-model loss never reaches w through them (kept for ablation).
+
+Which won, measured: docs/METHOD.md.
 
 `shuffled_allocation()` is a diagnostic: inside it, evaluation-mode layers draw each
 token's kappa from another token of the same forward (a fixed random permutation), so the

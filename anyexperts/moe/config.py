@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-K_ROUNDINGS = ("fractional", "straight_through", "nearest", "dither")
+K_ROUNDINGS = ("straight_through", "fractional", "nearest", "dither")
 
 
 @dataclass
@@ -25,7 +25,7 @@ class AnyExpertsConfig:
     #   slot's gradient from frac(kappa). nearest: round(kappa). dither: floor(kappa + d_s),
     #   d_s = frac((s + 0.5) * 0.618...) from the sequence position s. nearest and dither give w no
     #   gradient from the LM loss (K is an integer function of w): kept for ablation.
-    k_rounding: str = "fractional"  # fractional | straight_through | nearest | dither
+    k_rounding: str = "straight_through"  # straight_through | fractional | nearest | dither
     num_virtual_experts: int = 2
     # At most floor(rho_max * K_i) of a token's slots are virtual.
     rho_max: float = 0.25

@@ -11,8 +11,8 @@ experts, V virtual experts, K = k_max slot columns):
 
   h [T, H]
   -> importance  w = sigmoid(MLP(h))                                     importance.py
-  -> allocation  K_i from kappa_i = k_min + w_i (k_max - k_min): learned fractional
-                 last slot (default) or straight-through, round, dither   allocation.py
+  -> allocation  K_i from kappa_i = k_min + w_i (k_max - k_min): learned straight-
+                 through (default) or fractional last slot, round, dither allocation.py
   -> router      logits over E + V; top K_i with at most floor(rho_max K_i)
                  virtual; gates (the last slot scaled by its mass)        router.py
   -> capacity    per-expert limit in real slots, least important dropped  capacity.py
