@@ -35,9 +35,9 @@ class (transformer_layer.py:352 checks the exact class), so this layer, given no
 parallel_state's groups (get_default_pg_collection). Tests pass their own collection.
 
 The importance MLP is frozen (requires_grad=False) when nothing gives w a gradient: no
-learned allocation, no residual fusion (alpha = 0 and not learned) and no budget loss. w then still sets K and the
-capacity order, from its initial weights; an unfrozen MLP would only stall megatron DDP,
-which waits for gradients that never come.
+learned allocation, no residual fusion (alpha = 0 and not learned) and no budget loss. w
+then still sets K and the capacity order, from its initial weights; an unfrozen MLP would
+only stall megatron DDP, which waits for gradients that never come.
 
 Not supported (ValueError): shared experts, MoE latent projections, tensor-parallel experts
 through GroupedExperts, the positional k_roundings (dither, straight_through) with
