@@ -62,6 +62,8 @@ def _learned_config(mode: str, **overrides) -> AnyExpertsConfig:
 class _FixedImportance(torch.nn.Module):
     """Stands in for the importance MLP: returns a given w (a leaf tensor) for every forward."""
 
+    controls_budget = False
+
     def __init__(self, importance_T: torch.Tensor) -> None:
         super().__init__()
         self.importance_T = importance_T
@@ -228,6 +230,28 @@ def test_budget_term_alone_holds_the_real_slots_evaluation_computes():
     assert abs(counts[0] - 1.8) > 0.05, "the start must be off target, or the test shows nothing"
     held = float(np.mean(counts[-30:]))
     assert abs(held - 1.8) <= 0.02 * 1.8, counts[-30:]
+
+
+@pytest.mark.parametrize("mode", ["straight_through", "fractional"])
+def test_integral_budget_controller_alone_holds_the_target(mode):
+    from anyexperts.moe.losses import update_selection_biases
+
+    ae = _learned_config(mode, budget_bias_rate=0.5, budget_target=1.8, rho_max=0.34)
+    layer = _layer(ae)
+    layer.train()
+    hidden = torch.randn(32, 4, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    counts = []
+    for _ in range(120):
+        with stats.separate_sink() as sink:
+            layer(hidden)  # training forwards (grad mode) count for the controller
+        name = "real_experts_per_token_at_eval" if mode == "fractional" else "real_experts_per_token"
+        counts.append(float(sink.collect()[name][1]))
+        update_selection_biases(layer)
+    assert abs(counts[0] - 1.8) > 0.05, "the start must be off target, or the test shows nothing"
+    assert abs(float(np.mean(counts[-30:])) - 1.8) <= 0.02 * 1.8, counts[-30:]
+    assert float(layer.importance.logit_offset) != 0.0
+    # The offset is saved with the model (a resumed run continues with it).
+    assert "importance.logit_offset" in layer.state_dict()
 
 
 def test_slot_statistics_from_moments_match_numpy():

@@ -53,12 +53,14 @@ def _ae_config(case: str):
         return AnyExpertsConfig(k_min=1, k_max=4, k_rounding="fractional", num_virtual_experts=2, rho_max=0.5,
                                 virtual_kind="constant",
                                 gate_norm="real", alpha=0.2, learn_alpha=True, load_balance_coeff=0.1,
-                                load_balance_scope="global_batch", budget_coeff=0.5, budget_target=2.0,
-                                budget_scope="global_batch", z_loss_coeff=0.01, bias_update_rate=0.05)
+                                load_balance_scope="global_batch", budget_coeff=0.5, budget_target=2.05,
+                                budget_scope="global_batch", z_loss_coeff=0.01, bias_update_rate=0.05,
+                                budget_bias_rate=0.3)
     # straight_through needs positions: each micro-batch of the reference has the EP chunk's shape.
     return AnyExpertsConfig(k_min=2, k_max=4, k_rounding="straight_through", num_virtual_experts=1, rho_max=0.34,
                             virtual_kind="copy",
-                            gate_norm="all", alpha=0.2, load_balance_coeff=0.1, budget_coeff=0.5, budget_target=3.0,
+                            gate_norm="all", alpha=0.2, load_balance_coeff=0.1, budget_coeff=0.5, budget_target=2.95,
+                            budget_bias_rate=0.3,
                             z_loss_coeff=0.01, capacity_factor=1.0)
 
 
@@ -178,6 +180,9 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
                                                ref_stats["tokens_per_expert"][1])
     diffs["selection_bias"] = rel_diff(ep_layer.router.selection_bias, reference.router.selection_bias) \
         if ae.bias_update_rate > 0 else 0.0
+    # The budget's integral controller moved (a non-zero offset) and moved the same way.
+    assert float(reference.importance.logit_offset.abs()) > 0
+    diffs["budget_offset"] = rel_diff(ep_layer.importance.logit_offset, reference.importance.logit_offset)
     print(f"rank {rank} EP={world_size} {case}: worst relative difference {max(diffs.values()):.1e}")
     return dict(diffs=diffs, expert_flags=flags, a2a_bytes=float(ep_stats["a2a_bytes"][1]),
                 dropped=float(ref_stats["dropped_slots"][1]),

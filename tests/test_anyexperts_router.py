@@ -400,6 +400,8 @@ def test_stats_sink_mean_sum_and_reset():
     (dict(virtual_kind="noise"), "virtual_kind"),
     (dict(k_rounding="stochastic"), "k_rounding"),
     (dict(k_rounding="round"), "k_rounding"),
+    (dict(budget_bias_rate=-0.1, budget_target=2.0), "budget_bias_rate"),
+    (dict(budget_bias_rate=0.1), "budget_bias_rate"),
 ])
 def test_bad_configs_raise_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^moe\.anyexperts\.{field}="):

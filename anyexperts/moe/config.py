@@ -49,6 +49,10 @@ class AnyExpertsConfig:
     # The budget term also moves the router's mass on virtual entries (losses.py): over budget,
     # more virtual slots as well as fewer slots, so the router learns when a virtual one is enough.
     budget_on_virtual: bool = True
+    # Integral budget controller: after each optimizer step the importance logit offset moves by
+    # -rate * (measured real slots per token - budget_target); removes the steady-state error
+    # the budget loss leaves when the language-model gradient pulls w the other way. 0 = off.
+    budget_bias_rate: float = 0.0
     z_loss_coeff: float = 1e-3
     # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias, updated by this rate.
     bias_update_rate: float = 0.0
@@ -89,9 +93,11 @@ class AnyExpertsConfig:
             fail("budget_scope", "must be 'micro_batch' or 'global_batch'")
         if self.importance_hidden_size < 1:
             fail("importance_hidden_size", "must be >= 1")
-        for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate"):
+        for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate", "budget_bias_rate"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
+        if self.budget_bias_rate > 0 and self.budget_target is None:
+            fail("budget_bias_rate", "needs a budget_target (the count it steers to)")
         if self.budget_target is not None and not self.k_min <= self.budget_target <= self.k_max:
             fail("budget_target", f"must lie in [k_min={self.k_min}, k_max={self.k_max}]")
         if self.capacity_factor is not None and self.capacity_factor <= 0:

@@ -23,12 +23,25 @@ from torch import nn
 
 
 class ImportancePredictor(nn.Module):
-    """w = sigmoid(fc2(silu(fc1(h)))); fc2's bias starts at 0 so w starts near 0.5."""
+    """w = sigmoid(fc2(silu(fc1(h))) + offset); fc2's bias starts at 0 so w starts near 0.5.
+
+    `logit_offset` is the budget's integral controller (budget_bias_rate > 0): not a
+    parameter; after each optimizer step losses.update_selection_biases() moves it by
+    -rate * (R - budget_target), R the step's mean real slots per token counted here
+    (`count_for_budget`, summed over the data-parallel ranks there). It is saved with the
+    model, so a resumed run continues with it.
+    """
 
     def __init__(self, *, hidden_size: int, importance_hidden_size: int,
                  init_method: Optional[Callable[[torch.Tensor], None]] = None,
-                 params_dtype: torch.dtype = torch.float32) -> None:
+                 params_dtype: torch.dtype = torch.float32, budget_bias_rate: float = 0.0,
+                 budget_target: Optional[float] = None) -> None:
         super().__init__()
+        self.budget_bias_rate = budget_bias_rate if budget_target is not None else 0.0
+        self.budget_target = budget_target
+        self.register_buffer("logit_offset", torch.zeros(1, dtype=torch.float32))
+        # [sum of counted real slots, tokens] of this rank since the last update.
+        self.register_buffer("budget_counts", torch.zeros(2, dtype=torch.float64), persistent=False)
         self.fc1 = nn.Linear(hidden_size, importance_hidden_size, bias=True, dtype=params_dtype)
         self.fc2 = nn.Linear(importance_hidden_size, 1, bias=True, dtype=params_dtype)
         with torch.no_grad():
@@ -38,8 +51,26 @@ class ImportancePredictor(nn.Module):
             self.fc1.bias.zero_()
             self.fc2.bias.zero_()
 
+    @property
+    def controls_budget(self) -> bool:
+        return self.budget_bias_rate > 0
+
     def forward(self, hidden_TH: torch.Tensor) -> torch.Tensor:
         hidden_TD = F.silu(self.fc1(hidden_TH))
         logit_T = self.fc2(hidden_TD).squeeze(-1)
         # float32 at least (bf16 w would make K jumpy); float64 models keep float64.
-        return torch.sigmoid(logit_T if logit_T.dtype == torch.float64 else logit_T.float())
+        logit_T = logit_T if logit_T.dtype == torch.float64 else logit_T.float()
+        return torch.sigmoid(logit_T + self.logit_offset.to(logit_T.dtype))
+
+    @torch.no_grad()
+    def count_for_budget(self, num_real_counted_T: torch.Tensor) -> None:
+        self.budget_counts += torch.stack([num_real_counted_T.double().sum(),
+                                           torch.full((), float(num_real_counted_T.numel()), dtype=torch.float64,
+                                                      device=num_real_counted_T.device)])
+
+    def _apply(self, fn, *args, **kwargs):
+        # megatron's Float16Module calls .bfloat16(): the controller state stays float32 / float64.
+        super()._apply(fn, *args, **kwargs)
+        self.logit_offset.data = self.logit_offset.data.float()
+        self.budget_counts.data = self.budget_counts.data.double()
+        return self

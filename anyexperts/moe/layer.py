@@ -141,7 +141,9 @@ class AnyExpertsMoELayer(BaseMoELayer):
                                        per_token_loss=config.calculate_per_token_loss)
         self.importance = ImportancePredictor(hidden_size=config.hidden_size,
                                               importance_hidden_size=ae.importance_hidden_size,
-                                              init_method=config.init_method, params_dtype=config.params_dtype)
+                                              init_method=config.init_method, params_dtype=config.params_dtype,
+                                              budget_bias_rate=ae.budget_bias_rate if ae.k_max > ae.k_min else 0.0,
+                                              budget_target=ae.budget_target)
         if not (self.learns_allocation or self.uses_fusion or self.aux_losses.uses_budget):
             # w then only sets K and capacity order (no gradient path): keep DDP from waiting for grads.
             self.importance.requires_grad_(False)
@@ -202,6 +204,8 @@ class AnyExpertsMoELayer(BaseMoELayer):
                                   num_slots_T=routing.num_slots_T)
             if aux.attached is not None:
                 y_TH = MoEAuxLossAutoScaler.apply(y_TH, aux.attached)
+        if self.importance.controls_budget and self.training and torch.is_grad_enabled():
+            self.importance.count_for_budget(routing.num_real_counted_T)
         if stats.should_record(self.training) and hidden_TH.shape[0] > 0:
             self._record_stats(importance_T, position_T, routing, plan, aux)
         if trace.is_active():

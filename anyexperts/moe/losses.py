@@ -45,7 +45,8 @@ counts over the data-parallel group and applies b_e += rate * sign(mean load - l
 
 Trainer API:
     reset_global_batch_state(model)   at the start of every global batch (step)
-    update_selection_biases(model)    after every optimizer step (no-op without bias balancing)
+    update_selection_biases(model)    after every optimizer step (selection biases and the budget's
+                                      integral controller; no-op when neither is on)
 """
 
 from __future__ import annotations
@@ -213,23 +214,41 @@ def reset_global_batch_state(model) -> None:
 
 @torch.no_grad()
 def update_selection_biases(model, group=None) -> None:
-    """DeepSeek-V3 bias update of every router with bias_update_rate > 0, then zeroes its
-    counts: b_e += rate * sign(mean load - load_e), loads summed over `group` (default: the
-    tensor x data x context parallel group of megatron's parallel_state) in one all-reduce."""
+    """The after-step controller updates, each with one all-reduce over `group` (default: the
+    tensor x data x context parallel group of megatron's parallel_state), then zeroes their
+    counts:
+    - DeepSeek-V3 bias of every router with bias_update_rate > 0:
+      b_e += rate * sign(mean load - load_e);
+    - importance logit offset of every layer with budget_bias_rate > 0 (importance.py):
+      offset -= rate * (R - budget_target), R the step's mean counted real slots per token.
+    Every rank holds the same layers, so every rank issues the same collectives."""
+    from anyexperts.moe.importance import ImportancePredictor
     from anyexperts.moe.router import AnyExpertsRouter
 
     routers = [m for m in _modules(model) if isinstance(m, AnyExpertsRouter) and m.bias_balancing]
-    if not routers:
+    predictors = [m for m in _modules(model) if isinstance(m, ImportancePredictor) and m.controls_budget]
+    if not routers and not predictors:
         return
     if group is None and dist.is_initialized():
         from megatron.core import parallel_state
 
         if parallel_state.model_parallel_is_initialized():
             group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
-    loads_LE = torch.stack([r.bias_tokens_per_expert for r in routers])
-    if _group_size(group) > 1:
-        dist.all_reduce(loads_LE, group=group)
-    offset_LE = loads_LE.mean(dim=-1, keepdim=True) - loads_LE
-    for router, offset_E in zip(routers, offset_LE):
-        router.selection_bias += router.ae.bias_update_rate * torch.sign(offset_E)
-        router.bias_tokens_per_expert.zero_()
+    if routers:
+        loads_LE = torch.stack([r.bias_tokens_per_expert for r in routers])
+        if _group_size(group) > 1:
+            dist.all_reduce(loads_LE, group=group)
+        offset_LE = loads_LE.mean(dim=-1, keepdim=True) - loads_LE
+        for router, offset_E in zip(routers, offset_LE):
+            router.selection_bias += router.ae.bias_update_rate * torch.sign(offset_E)
+            router.bias_tokens_per_expert.zero_()
+    if predictors:
+        counts_L2 = torch.stack([p.budget_counts for p in predictors])
+        if _group_size(group) > 1:
+            dist.all_reduce(counts_L2, group=group)
+        for predictor, (counted, num_tokens) in zip(predictors, counts_L2):
+            # No host sync; a step without training forwards leaves the offset alone.
+            error = torch.where(num_tokens > 0, counted / num_tokens.clamp(min=1) - predictor.budget_target,
+                                torch.zeros_like(counted))
+            predictor.logit_offset -= (predictor.budget_bias_rate * error).float()
+            predictor.budget_counts.zero_()
