@@ -128,8 +128,7 @@ def _real_experts_budget(cfg: TrainConfig) -> Optional[float]:
     if cfg.moe.kind == "topk":
         return float(cfg.moe.router_topk)
     if cfg.moe.kind == "anyexperts":
-        ae = cfg.moe.anyexperts
-        return ae.budget_target if ae.budget_target is not None else None
+        return cfg.moe.anyexperts.budget_target
     return None
 
 
