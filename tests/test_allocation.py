@@ -34,17 +34,11 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 def _layer(ae: AnyExpertsConfig, *, num_experts: int = 4, seed: int = 0):
-    from megatron.core.process_groups_config import ProcessGroupCollection
+    from tests.test_anyexperts_layer import build_layer, no_process_groups, transformer_config
 
-    from anyexperts import cpu_support
-    from tests.test_anyexperts_layer import build_layer, transformer_config
-
-    cpu_support.apply()
-    no_groups = ProcessGroupCollection()  # one process: every group None (size 1)
-    for name in ("tp", "cp", "tp_cp", "tp_dp_cp", "dp", "dp_cp", "ep", "expt_tp", "expt_dp", "tp_ep", "pp"):
-        setattr(no_groups, name, None)
+    groups = no_process_groups()
     torch.manual_seed(seed)
-    layer = build_layer(transformer_config(num_moe_experts=num_experts), ae, pg_collection=no_groups)
+    layer = build_layer(transformer_config(num_moe_experts=num_experts), ae, pg_collection=groups)
     with torch.no_grad():
         for p in layer.parameters():  # larger weights than the init: expert outputs that matter
             p.mul_(6.0)
@@ -177,7 +171,8 @@ def test_learned_allocations_keep_k_and_the_virtual_cap(case):
     cfg, num_experts, logits, importance, gate_norm, training = case
     positions = torch.arange(importance.numel())
     alloc = allocate_slots(importance, positions, cfg, training=training)
-    for slots in (alloc.num_slots_T, alloc.num_slots_at_eval_T):
+    for slots in (alloc.num_slots_T, alloc.num_slots_at_eval_T if alloc.num_slots_at_eval_T is not None
+                  else alloc.num_slots_T):
         assert slots.min() >= cfg.k_min and slots.max() <= cfg.k_max
     max_virtual = max_virtual_table(rho_max=cfg.rho_max, k_max=cfg.k_max)[alloc.num_slots_T]
     entries = select_slots(logits, alloc.num_slots_T, max_virtual, num_experts=num_experts, k_max=cfg.k_max)

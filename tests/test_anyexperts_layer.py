@@ -53,6 +53,20 @@ def build_layer(config, ae, *, expert_module=None, pg_collection=None, layer_num
     return build_module(spec, config=config, layer_number=layer_number, pg_collection=pg_collection)
 
 
+def no_process_groups():
+    """A ProcessGroupCollection for a layer built in this process (every group None: size 1),
+    with the CPU patches applied: no spawn needed."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from anyexperts import cpu_support
+
+    cpu_support.apply()
+    groups = ProcessGroupCollection()
+    for name in ("tp", "cp", "tp_cp", "tp_dp_cp", "dp", "dp_cp", "ep", "expt_tp", "expt_dp", "tp_ep", "pp"):
+        setattr(groups, name, None)
+    return groups
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 

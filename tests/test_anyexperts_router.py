@@ -159,20 +159,13 @@ def test_nearest_rounding_misses_the_mean_that_dither_meets():
 
 
 def test_dithered_layer_routes_the_same_whole_or_split_by_batch():
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from anyexperts import cpu_support
     from anyexperts.moe.trace import routing_trace
-    from tests.test_anyexperts_layer import build_layer, transformer_config
+    from tests.test_anyexperts_layer import build_layer, no_process_groups, transformer_config
 
-    cpu_support.apply()
-    no_groups = ProcessGroupCollection()  # one process: every group None (size 1)
-    for name in ("tp", "cp", "tp_cp", "tp_dp_cp", "dp", "dp_cp", "ep", "expt_tp", "expt_dp", "tp_ep", "pp"):
-        setattr(no_groups, name, None)
     ae = AnyExpertsConfig(k_min=1, k_max=3, k_rounding="dither", num_virtual_experts=2, rho_max=0.34,
                           budget_target=1.8)
     torch.manual_seed(0)
-    layer = build_layer(transformer_config(), ae, pg_collection=no_groups)
+    layer = build_layer(transformer_config(), ae, pg_collection=no_process_groups())
     with torch.no_grad():
         layer.importance.fc2.bias.fill_(math.log(0.4 / 0.6))  # w near 0.4: K is 1 or 2 by position
         layer.importance.fc2.weight.normal_(0, 0.5)

@@ -3,7 +3,7 @@
     allocation = allocate_slots(importance_T, position_T, ae, training=layer.training)
     allocation.num_slots_T           # int64 K_i, the slots this forward selects
     allocation.last_slot_mass_T      # weight of slot K_i - 1 in the gates (None: every slot weighs 1)
-    allocation.num_slots_at_eval_T   # the K_i the same tokens get at evaluation
+    allocation.num_slots_at_eval_T   # the K_i evaluation gives them, where it differs (else None)
 
 kappa_i = k_min + w_i (k_max - k_min) is the continuous slot count. `k_rounding` turns it
 into slots:
@@ -57,7 +57,8 @@ POSITIONAL_ROUNDINGS = ("dither", "straight_through")
 class SlotAllocation:
     num_slots_T: torch.Tensor                  # int64, in [k_min, k_max]
     last_slot_mass_T: Optional[torch.Tensor]   # float, carries the gradient to w; None = all 1
-    num_slots_at_eval_T: torch.Tensor          # int64; equal to num_slots_T outside fractional training
+    # int64 K_i evaluation gives these tokens; None where it is num_slots_T (all but fractional training)
+    num_slots_at_eval_T: Optional[torch.Tensor] = None
 
 
 def num_slots_from_importance(importance_T: torch.Tensor, *, k_min: int, k_max: int) -> torch.Tensor:
@@ -149,8 +150,7 @@ def allocate_slots(importance_T: torch.Tensor, position_T: Optional[torch.Tensor
     """K per token (and the last slot's mass in the learned modes) for `ae.k_rounding`."""
     mode, k_min, k_max = ae.k_rounding, ae.k_min, ae.k_max
     if k_min == k_max:  # one slot count for every token: nothing to allocate or learn
-        num_slots_T = torch.full(importance_T.shape, k_min, dtype=torch.int64, device=importance_T.device)
-        return SlotAllocation(num_slots_T, None, num_slots_T)
+        return SlotAllocation(torch.full(importance_T.shape, k_min, dtype=torch.int64, device=importance_T.device), None)
     if mode in POSITIONAL_ROUNDINGS and position_T is None:
         raise ValueError(f"position_T: k_rounding={mode!r} needs each token's sequence position")
     if mode == "fractional":
@@ -158,13 +158,12 @@ def allocate_slots(importance_T: torch.Tensor, position_T: Optional[torch.Tensor
             num_slots_T, mass_T = fractional_slots(importance_T, k_min=k_min, k_max=k_max)
             at_eval_T = num_slots_from_importance(importance_T, k_min=k_min, k_max=k_max)
             return SlotAllocation(num_slots_T, mass_T, at_eval_T)
-        num_slots_T = num_slots_from_importance(importance_T, k_min=k_min, k_max=k_max)
-        return SlotAllocation(num_slots_T, None, num_slots_T)
+        return SlotAllocation(num_slots_from_importance(importance_T, k_min=k_min, k_max=k_max), None)
     if mode == "straight_through":
         num_slots_T, mass_T = straight_through_slots(importance_T, position_T, k_min=k_min, k_max=k_max)
-        return SlotAllocation(num_slots_T, mass_T if training else None, num_slots_T)
+        return SlotAllocation(num_slots_T, mass_T if training else None)
     if mode == "dither":
         num_slots_T = dithered_num_slots(importance_T, position_T, k_min=k_min, k_max=k_max)
     else:
         num_slots_T = num_slots_from_importance(importance_T, k_min=k_min, k_max=k_max)
-    return SlotAllocation(num_slots_T, None, num_slots_T)
+    return SlotAllocation(num_slots_T, None)

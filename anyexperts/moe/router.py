@@ -206,7 +206,7 @@ class AnyExpertsRouter(Router):
                 scores_TX = scores_TX + bias_X  # float32 bias: promotes bf16 logits, keeps float64 ones
             entry_TK = select_slots(scores_TX, num_slots_T, max_virtual_by_k[num_slots_T],
                                     num_experts=self.num_experts, k_max=ae.k_max)
-            if allocation.num_slots_at_eval_T is not num_slots_T:
+            if allocation.num_slots_at_eval_T is not None:
                 # What evaluation would select for these tokens: the count the budget holds.
                 at_eval_T = allocation.num_slots_at_eval_T
                 entry_at_eval_TK = select_slots(scores_TX, at_eval_T, max_virtual_by_k[at_eval_T],

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -70,13 +68,10 @@ class ImportanceLossCorrelation:
         return {f"moe/importance_loss_spearman/layer{layer}": float(v) for layer, v in zip(layers, values)}
 
 
-def validation_stat_scalars(per_layer: dict[str, dict[int, torch.Tensor]],
-                            names: Optional[tuple[str, ...]] = None) -> dict[str, float]:
+def validation_stat_scalars(per_layer: dict[str, dict[int, torch.Tensor]]) -> dict[str, float]:
     """stats.collect() output of validation forwards as 'moe/val_<name>/layer<i>' scalars."""
     scalars = {}
     for name, layers in per_layer.items():
-        if names is not None and name not in names:
-            continue
         for layer, value in sorted(layers.items()):
             if value.numel() == 1:
                 scalars[f"moe/val_{name}/layer{layer}"] = float(value)

@@ -132,7 +132,7 @@ def _real_experts_budget(cfg: TrainConfig) -> Optional[float]:
     return None
 
 
-def _learns_allocation(cfg: TrainConfig) -> bool:
+def _allocates_variable_k(cfg: TrainConfig) -> bool:
     ae = cfg.moe.anyexperts
     return cfg.moe.kind == "anyexperts" and ae.k_max > ae.k_min
 
@@ -148,7 +148,7 @@ def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, ev
     pass over the same batches: evaluation costs twice as much).
     """
     model.eval()
-    diagnose = _learns_allocation(cfg)
+    diagnose = _allocates_variable_k(cfg)
     correlation = allocation_eval.ImportanceLossCorrelation()
 
     def run_pass(*, record: bool) -> float:
