@@ -108,8 +108,11 @@ def test_gates_normalised_over_the_chosen_set(case):
     # Ratios of gates are ratios of the softmax probabilities.
     probs = torch.softmax(logits.detach(), dim=-1)
     p_sel = probs.gather(1, entries.clamp(min=0)).masked_fill(~used, 0)
-    expected = p_sel / p_sel.masked_fill(~norm_set, 0).sum(-1, keepdim=True)
+    norm = p_sel.masked_fill(~norm_set, 0).sum(-1, keepdim=True)
+    # With gate_norm="real" a virtual gate is its share of the real entries and itself.
+    expected = torch.where(used & ~norm_set, p_sel / (norm + p_sel), p_sel / norm)
     torch.testing.assert_close(gates.detach(), expected)
+    assert torch.all(gates[used & ~norm_set] < 1)
     gates.sum().backward()
     assert torch.isfinite(logits.grad).all()
 

@@ -22,8 +22,10 @@ as megatron's TopKRouter does it.
 
 Gates are exp(logit - logsumexp over the normalisation set): over every selected entry
 (gate_norm="all", virtual entries dilute the real output) or over the selected real ones
-only (gate_norm="real"; virtual gates then use the same denominator, so real gates sum to
-1 and virtual gates come on top). This equals megatron's softmax over the top-k logits.
+only (gate_norm="real": real gates sum to 1 and a virtual gate comes on top, as its share
+of the selected real entries and itself, sigmoid(l_v - logsumexp(real)), so it stays
+below 1: an unbounded exp(l_v - logsumexp(real)) lets a copy or constant expert's output
+grow without limit). This equals megatron's softmax over the top-k logits.
 In the learned allocations the last slot's gate is scaled by its mass (compute_gates).
 
 Aux-loss-free balancing (DeepSeek-V3): a per-expert `selection_bias` is added to the real
@@ -144,9 +146,13 @@ def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_expert
     else:
         in_norm_TK = is_used_TK
     masked_TK = logit_TK.masked_fill(~in_norm_TK, float("-inf"))
+    # gate_norm="real": a virtual entry's own weight joins its denominator (at most 1).
+    on_top_TK = is_used_TK & ~in_norm_TK
     if last_slot_mass_T is None:
         log_norm_T = torch.logsumexp(masked_TK, dim=-1, keepdim=True)
         gate_TK = torch.exp(logit_TK - log_norm_T)
+        if gate_norm == "real":
+            gate_TK = torch.where(on_top_TK, torch.sigmoid(logit_TK - log_norm_T), gate_TK)
         return gate_TK.masked_fill(~is_used_TK, 0.0)
     is_last_TK = torch.arange(entry_TK.shape[1], device=entry_TK.device) == (num_slots_T - 1).unsqueeze(-1)
     mass_TK = torch.where(is_last_TK, last_slot_mass_T.to(logit_TK.dtype).unsqueeze(-1),
@@ -155,7 +161,7 @@ def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_expert
     shift_T1 = masked_TK.max(dim=-1, keepdim=True).values
     weight_TK = (mass_TK * torch.exp(logit_TK - shift_T1)).masked_fill(~is_used_TK, 0.0)
     norm_T1 = weight_TK.masked_fill(~in_norm_TK, 0.0).sum(-1, keepdim=True).clamp(min=1.0)
-    return weight_TK / norm_T1
+    return weight_TK / torch.where(on_top_TK, norm_T1 + weight_TK, norm_T1)
 
 
 class AnyExpertsRouter(Router):
