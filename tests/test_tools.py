@@ -166,6 +166,12 @@ def test_plot_routing_summary_by_token_class():
     for name in expected_real:
         assert abs(row["real_by_token_class"][name] - expected_real[name]) < 1e-12, name
         assert abs(row["k_by_token_class"][name] - expected_k[name]) < 1e-12, name
+    # Virtual slots per token by class, from the table above (rows in [s, b] order).
+    virtual_by_class: dict[str, list[int]] = {}
+    for i, (_, virtual, _) in enumerate(_ROUTING):
+        virtual_by_class.setdefault(_CLASSES_SB[i // 2][i % 2], []).append(len(virtual))
+    assert row["virtual_by_token_class"] == {name: sum(v) / len(v) for name, v in virtual_by_class.items()}
+    assert len(set(row["virtual_by_token_class"].values())) > 1
 
 
 def test_plot_routing_summary_leaves_out_classes_without_tokens():
@@ -187,6 +193,7 @@ def test_plot_routing_prints_the_token_class_table_only_with_tokens(tmp_path, ca
     (row,) = plot_routing.summarise([without])
     assert "real_by_token_class" not in row and "tokens_by_class" not in row and "k_by_token_class" not in row
 
+    (row_with_tokens,) = plot_routing.summarise([with_tokens])
     path = save_trace([with_tokens, dict(with_tokens, layer_number=4)], tmp_path / "trace.npz")
     assert plot_routing.main([str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -194,8 +201,12 @@ def test_plot_routing_prints_the_token_class_table_only_with_tokens(tmp_path, ca
     assert lines[start + 1].split() == ["layer", *plot_routing.CLASS_NAMES]
     assert lines[start + 2].split() == ["3", "0.000", "1.000", "1.000", "1.800", "1.500", "0.500"]
     assert lines[start + 3].split()[0] == "4"
-    assert lines[start + 4].split() == ["tokens", "1", "2", "2", "5", "2", "2"]
-    assert len(lines) == start + 5
+    assert lines[start + 4] == ""
+    assert lines[start + 5] == "virtual experts per token by token class (byte tokenizer)"
+    virtual = row_with_tokens["virtual_by_token_class"]
+    assert lines[start + 7].split() == ["3", *(f"{virtual[name]:.3f}" for name in plot_routing.CLASS_NAMES)]
+    assert lines[start + 9].split() == ["tokens", "1", "2", "2", "5", "2", "2"]
+    assert len(lines) == start + 10
 
     path = save_trace([without], tmp_path / "plain.npz")
     assert plot_routing.main([str(path)]) == 0

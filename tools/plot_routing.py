@@ -111,6 +111,7 @@ def summarise(trace: list[dict]) -> list[dict]:
             counts = torch.bincount(classes, minlength=len(CLASS_NAMES))
             row["real_by_token_class"] = _by_token_class(real_per_token, classes)
             row["k_by_token_class"] = _by_token_class(k, classes)
+            row["virtual_by_token_class"] = _by_token_class(virtual.sum(1), classes)
             row["tokens_by_class"] = {name: int(counts[c]) for c, name in enumerate(CLASS_NAMES) if counts[c] > 0}
         rows.append(row)
     return rows
@@ -138,19 +139,20 @@ def _draw(trace: list[dict], png: Path) -> None:
 
 
 def _print_token_class_table(rows: list[dict]) -> None:
-    """Real experts per token by token class, one line per layer; nothing without tokens."""
+    """Real and virtual experts per token by token class, one line per layer; nothing without tokens."""
     rows = [row for row in rows if "real_by_token_class" in row]
     if not rows:
         return
     names = [name for name in CLASS_NAMES if any(name in row["tokens_by_class"] for row in rows)]
     widths = [max(len(name), 7) for name in names]
-    print()
-    print("real experts per token by token class (byte tokenizer)")
-    print(f"{'layer':>10} " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths)))
-    for row in rows:
-        values = row["real_by_token_class"]
-        print(f"{row['layer']:>10} " + " ".join(
-            f"{values[name]:>{w}.3f}" if name in values else f"{'-':>{w}}" for name, w in zip(names, widths)))
+    for what in ("real", "virtual"):
+        print()
+        print(f"{what} experts per token by token class (byte tokenizer)")
+        print(f"{'layer':>10} " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths)))
+        for row in rows:
+            values = row[f"{what}_by_token_class"]
+            print(f"{row['layer']:>10} " + " ".join(
+                f"{values[name]:>{w}.3f}" if name in values else f"{'-':>{w}}" for name, w in zip(names, widths)))
     counts = [row["tokens_by_class"] for row in rows]
     footers = [("tokens", counts[0])] if all(c == counts[0] for c in counts) else \
         [(f"tokens@{row['layer']}", c) for row, c in zip(rows, counts)]
