@@ -250,6 +250,36 @@ def test_integral_budget_controller_alone_holds_the_target(mode):
     assert "importance.logit_offset" in layer.state_dict()
 
 
+@pytest.mark.parametrize("logit_cap", [None, 4.0])
+def test_logit_cap_lets_the_controller_reach_saturated_importance(logit_cap):
+    from anyexperts.moe.losses import update_selection_biases
+
+    ae = _learned_config("straight_through", budget_bias_rate=0.5, budget_target=1.8, rho_max=0.34,
+                         importance_logit_cap=logit_cap)
+    layer = _layer(ae)
+    layer.train()
+    hidden = torch.randn(32, 4, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with torch.no_grad():
+        # What a learned allocation does to the logits: most tokens far from 0, w ~ 0 or 1
+        # (measured in the first layer: half the tokens below logit -8, a quarter above +8).
+        predictor = layer.importance
+        predictor.logit_cap = None
+        logit_T = torch.logit(predictor(hidden.reshape(-1, 16)))
+        predictor.fc2.weight.mul_(40.0 / logit_T.abs().mean())
+        predictor.fc2.bias.fill_(-20.0)
+        predictor.logit_cap = logit_cap
+    counts = []
+    for _ in range(60):
+        with stats.separate_sink() as sink:
+            layer(hidden)
+        counts.append(float(sink.collect()["real_experts_per_token"][1]))
+        update_selection_biases(layer)
+    assert abs(counts[0] - 1.8) > 0.2, counts[0]
+    held = abs(float(np.mean(counts[-20:])) - 1.8) <= 0.02 * 1.8
+    # Uncapped, 60 steps of the controller leave the count far off; capped, it holds.
+    assert held == (logit_cap is not None), (counts[0], counts[-20:], float(predictor.logit_offset))
+
+
 def test_slot_statistics_from_moments_match_numpy():
     gen = np.random.default_rng(0)
     k = gen.integers(1, 4, size=200)

@@ -23,7 +23,8 @@ from torch import nn
 
 
 class ImportancePredictor(nn.Module):
-    """w = sigmoid(fc2(silu(fc1(h))) + offset); fc2's bias starts at 0 so w starts near 0.5.
+    """w = sigmoid(c tanh(fc2(silu(fc1(h))) / c) + offset), c = logit_cap (no cap when None);
+    fc2's bias starts at 0 so w starts near 0.5.
 
     `logit_offset` is the budget's integral controller (budget_bias_rate > 0): not a
     parameter; after each optimizer step losses.update_selection_biases() moves it by
@@ -35,8 +36,9 @@ class ImportancePredictor(nn.Module):
     def __init__(self, *, hidden_size: int, importance_hidden_size: int,
                  init_method: Optional[Callable[[torch.Tensor], None]] = None,
                  params_dtype: torch.dtype = torch.float32, budget_bias_rate: float = 0.0,
-                 budget_target: Optional[float] = None) -> None:
+                 budget_target: Optional[float] = None, logit_cap: Optional[float] = None) -> None:
         super().__init__()
+        self.logit_cap = logit_cap
         self.budget_bias_rate = budget_bias_rate if budget_target is not None else 0.0
         self.budget_target = budget_target
         self.register_buffer("logit_offset", torch.zeros(1, dtype=torch.float32))
@@ -60,6 +62,10 @@ class ImportancePredictor(nn.Module):
         logit_T = self.fc2(hidden_TD).squeeze(-1)
         # float32 at least (bf16 w would make K jumpy); float64 models keep float64.
         logit_T = logit_T if logit_T.dtype == torch.float64 else logit_T.float()
+        if self.logit_cap:
+            # Soft cap: the learned allocation drives logits apart without limit (w ~ 0 or 1 for
+            # most tokens), and then no bounded offset can move them: the budget stops holding.
+            logit_T = self.logit_cap * torch.tanh(logit_T / self.logit_cap)
         return torch.sigmoid(logit_T + self.logit_offset.to(logit_T.dtype))
 
     @torch.no_grad()

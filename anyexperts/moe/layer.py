@@ -143,7 +143,8 @@ class AnyExpertsMoELayer(BaseMoELayer):
                                               importance_hidden_size=ae.importance_hidden_size,
                                               init_method=config.init_method, params_dtype=config.params_dtype,
                                               budget_bias_rate=ae.budget_bias_rate if ae.k_max > ae.k_min else 0.0,
-                                              budget_target=ae.budget_target)
+                                              budget_target=ae.budget_target,
+                                              logit_cap=ae.importance_logit_cap)
         if not (self.learns_allocation or self.uses_fusion or self.aux_losses.uses_budget):
             # w then only sets K and capacity order (no gradient path): keep DDP from waiting for grads.
             self.importance.requires_grad_(False)
