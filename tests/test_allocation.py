@@ -250,24 +250,23 @@ def test_integral_budget_controller_alone_holds_the_target(mode):
     assert "importance.logit_offset" in layer.state_dict()
 
 
-@pytest.mark.parametrize("logit_cap", [None, 4.0])
-def test_logit_cap_lets_the_controller_reach_saturated_importance(logit_cap):
+@pytest.mark.parametrize("logit_std", [None, 2.0])
+def test_standardised_logit_lets_the_controller_reach_saturated_importance(logit_std):
     from anyexperts.moe.losses import update_selection_biases
 
     ae = _learned_config("straight_through", budget_bias_rate=0.5, budget_target=1.8, rho_max=0.34,
-                         importance_logit_cap=logit_cap)
+                         importance_logit_std=logit_std)
     layer = _layer(ae)
     layer.train()
     hidden = torch.randn(32, 4, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    predictor = layer.importance
     with torch.no_grad():
         # What a learned allocation does to the logits: most tokens far from 0, w ~ 0 or 1
         # (measured in the first layer: half the tokens below logit -8, a quarter above +8).
-        predictor = layer.importance
-        predictor.logit_cap = None
-        logit_T = torch.logit(predictor(hidden.reshape(-1, 16)))
-        predictor.fc2.weight.mul_(40.0 / logit_T.abs().mean())
-        predictor.fc2.bias.fill_(-20.0)
-        predictor.logit_cap = logit_cap
+        raw = predictor.fc2(torch.nn.functional.silu(predictor.fc1(hidden.reshape(-1, 16)))).squeeze(-1)
+        predictor.fc2.weight.mul_(10.0 / raw.std())
+        predictor.fc2.bias.add_(-20.0 - float(raw.mean() * 10.0 / raw.std()))
+        raw = predictor.fc2(torch.nn.functional.silu(predictor.fc1(hidden.reshape(-1, 16)))).squeeze(-1)
     counts = []
     for _ in range(60):
         with stats.separate_sink() as sink:
@@ -276,8 +275,18 @@ def test_logit_cap_lets_the_controller_reach_saturated_importance(logit_cap):
         update_selection_biases(layer)
     assert abs(counts[0] - 1.8) > 0.2, counts[0]
     held = abs(float(np.mean(counts[-20:])) - 1.8) <= 0.02 * 1.8
-    # Uncapped, 60 steps of the controller leave the count far off; capped, it holds.
-    assert held == (logit_cap is not None), (counts[0], counts[-20:], float(predictor.logit_offset))
+    # Raw, 60 steps of the controller leave the count far off; standardised, it holds.
+    assert held == (logit_std is not None), (counts[0], counts[-20:], float(predictor.logit_offset))
+    if logit_std is not None:
+        # The statistics are the last step's mean and std of the raw logits (the MLP is fixed here).
+        assert abs(float(predictor.logit_mean) - float(raw.mean())) < 1e-4 * float(raw.abs().max())
+        assert abs(float(predictor.logit_scale) / float(raw.std(correction=0)) - 1) < 1e-5
+        assert {"importance.logit_mean", "importance.logit_scale"} <= layer.state_dict().keys()
+        # Evaluation forwards neither count nor move them.
+        layer.eval()
+        with torch.no_grad():
+            layer(hidden)
+        assert float(predictor.logit_moments.abs().sum()) == 0.0
 
 
 def test_slot_statistics_from_moments_match_numpy():

@@ -60,7 +60,7 @@ def _ae_config(case: str):
     return AnyExpertsConfig(k_min=2, k_max=4, k_rounding="straight_through", num_virtual_experts=1, rho_max=0.34,
                             virtual_kind="copy",
                             gate_norm="all", alpha=0.2, load_balance_coeff=0.1, budget_coeff=0.5, budget_target=2.95,
-                            budget_bias_rate=0.3,
+                            budget_bias_rate=0.3, importance_logit_std=2.0,
                             z_loss_coeff=0.01, capacity_factor=1.0)
 
 
@@ -115,6 +115,9 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
             bias = torch.linspace(-0.5, 0.5, NUM_EXPERTS, dtype=torch.float32)
             reference.router.selection_bias.copy_(bias)
             ep_layer.router.selection_bias.copy_(bias)
+        for layer in (reference, ep_layer):  # statistics from an earlier step: not the identity
+            layer.importance.logit_mean.fill_(0.3)
+            layer.importance.logit_scale.fill_(0.7)
 
     gen = torch.Generator().manual_seed(5)
     hidden_all = torch.randn(world_size * TOKENS_PER_RANK, 1, HIDDEN, generator=gen, dtype=torch.float64)
@@ -183,6 +186,10 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
     # The budget's integral controller moved (a non-zero offset) and moved the same way.
     assert float(reference.importance.logit_offset.abs()) > 0
     diffs["budget_offset"] = rel_diff(ep_layer.importance.logit_offset, reference.importance.logit_offset)
+    if ae.importance_logit_std is not None:  # the logit statistics are over every rank's tokens
+        assert float(reference.importance.logit_scale) != 1.0
+        for name in ("logit_mean", "logit_scale"):
+            diffs[name] = rel_diff(getattr(ep_layer.importance, name), getattr(reference.importance, name))
     print(f"rank {rank} EP={world_size} {case}: worst relative difference {max(diffs.values()):.1e}")
     return dict(diffs=diffs, expert_flags=flags, a2a_bytes=float(ep_stats["a2a_bytes"][1]),
                 dropped=float(ref_stats["dropped_slots"][1]),

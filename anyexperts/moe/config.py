@@ -34,10 +34,10 @@ class AnyExpertsConfig:
     # real: over real entries only.
     gate_norm: str = "all"
     importance_hidden_size: int = 64
-    # Soft cap c on the importance logit, c tanh(logit / c) before the budget offset: a learned
-    # allocation otherwise pushes most logits far past where any offset can move them, and the
-    # integral controller cannot hold the budget (docs/METHOD.md). None = no cap.
-    importance_logit_cap: Optional[float] = None
+    # Standardise the importance logit to this std with its running statistics (importance.py):
+    # a learned allocation otherwise pushes most logits past where the integral controller's
+    # offset can move them, and the budget stops holding (docs/METHOD.md). None = raw logit.
+    importance_logit_std: Optional[float] = None
     # Residual fusion out = y + alpha * w * h; alpha is a learned scalar when learn_alpha.
     alpha: float = 0.0
     learn_alpha: bool = False
@@ -96,8 +96,8 @@ class AnyExpertsConfig:
             fail("load_balance_scope", "must be 'micro_batch' or 'global_batch'")
         if self.budget_scope not in ("micro_batch", "global_batch"):
             fail("budget_scope", "must be 'micro_batch' or 'global_batch'")
-        if self.importance_logit_cap is not None and self.importance_logit_cap <= 0:
-            fail("importance_logit_cap", "must be > 0 (or null for no cap)")
+        if self.importance_logit_std is not None and self.importance_logit_std <= 0:
+            fail("importance_logit_std", "must be > 0 (or null for the raw logit)")
         if self.importance_hidden_size < 1:
             fail("importance_hidden_size", "must be >= 1")
         for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate", "budget_bias_rate"):

@@ -144,7 +144,7 @@ class AnyExpertsMoELayer(BaseMoELayer):
                                               init_method=config.init_method, params_dtype=config.params_dtype,
                                               budget_bias_rate=ae.budget_bias_rate if ae.k_max > ae.k_min else 0.0,
                                               budget_target=ae.budget_target,
-                                              logit_cap=ae.importance_logit_cap)
+                                              logit_std=ae.importance_logit_std)
         if not (self.learns_allocation or self.uses_fusion or self.aux_losses.uses_budget):
             # w then only sets K and capacity order (no gradient path): keep DDP from waiting for grads.
             self.importance.requires_grad_(False)

@@ -220,13 +220,15 @@ def update_selection_biases(model, group=None) -> None:
     - DeepSeek-V3 bias of every router with bias_update_rate > 0:
       b_e += rate * sign(mean load - load_e);
     - importance logit offset of every layer with budget_bias_rate > 0 (importance.py):
-      offset -= rate * (R - budget_target), R the step's mean counted real slots per token.
+      offset -= rate * (R - budget_target), R the step's mean counted real slots per token;
+    - running mean and std of the importance logit (importance_logit_std set).
     Every rank holds the same layers, so every rank issues the same collectives."""
     from anyexperts.moe.importance import ImportancePredictor
     from anyexperts.moe.router import AnyExpertsRouter
 
     routers = [m for m in _modules(model) if isinstance(m, AnyExpertsRouter) and m.bias_balancing]
-    predictors = [m for m in _modules(model) if isinstance(m, ImportancePredictor) and m.controls_budget]
+    predictors = [m for m in _modules(model) if isinstance(m, ImportancePredictor)
+                  and (m.controls_budget or m.normalizes_logit)]
     if not routers and not predictors:
         return
     if group is None and dist.is_initialized():
@@ -243,10 +245,15 @@ def update_selection_biases(model, group=None) -> None:
             router.selection_bias += router.ae.bias_update_rate * torch.sign(offset_E)
             router.bias_tokens_per_expert.zero_()
     if predictors:
-        counts_L2 = torch.stack([p.budget_counts for p in predictors])
+        # One all-reduce for every layer: [counted real slots, tokens, logit moments (3)].
+        counts_L5 = torch.stack([torch.cat([p.budget_counts, p.logit_moments]) for p in predictors])
         if _group_size(group) > 1:
-            dist.all_reduce(counts_L2, group=group)
-        for predictor, (counted, num_tokens) in zip(predictors, counts_L2):
+            dist.all_reduce(counts_L5, group=group)
+        for predictor, (counted, num_tokens, *moments) in zip(predictors, counts_L5):
+            if predictor.normalizes_logit:
+                predictor.update_logit_statistics(torch.stack(moments))
+            if not predictor.controls_budget:
+                continue
             # No host sync; a step without training forwards leaves the offset alone.
             error = torch.where(num_tokens > 0, counted / num_tokens.clamp(min=1) - predictor.budget_target,
                                 torch.zeros_like(counted))
