@@ -406,3 +406,43 @@ def test_bad_configs_raise_value_error_naming_the_field(kwargs, field):
 
 def test_reduction_config_is_valid_with_no_virtual_experts():
     AnyExpertsConfig(k_min=2, k_max=2, num_virtual_experts=0, rho_max=0.0).validate(num_experts=4)
+
+
+def test_virtual_straight_through_changes_no_gate_and_tells_the_virtual_logit_the_last_slots_worth():
+    from anyexperts.moe.router import virtual_straight_through_mass
+
+    num_experts, num_virtual, k_max, rho_max = 6, 2, 3, 0.5
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(400, num_experts + num_virtual, generator=gen, dtype=torch.float64)
+    num_slots = torch.randint(1, k_max + 1, (400,), generator=gen)
+    max_virtual = max_virtual_table(rho_max=rho_max, k_max=k_max)[num_slots]
+    entries = select_slots(logits, num_slots, max_virtual, num_experts=num_experts, k_max=k_max)
+    weights = torch.randn(400, k_max, generator=gen, dtype=torch.float64)
+    for gate_norm in ("all", "real"):
+        leaf = logits.clone().requires_grad_(True)
+        mass = virtual_straight_through_mass(leaf, entries, num_slots, max_virtual, None, num_experts=num_experts)
+        gates = compute_gates(leaf, entries, num_experts=num_experts, gate_norm=gate_norm, last_slot_mass_T=mass,
+                              num_slots_T=num_slots)
+        torch.testing.assert_close(gates, compute_gates(logits, entries, num_experts=num_experts, gate_norm=gate_norm))
+        (gates * weights).sum().backward()
+        # dL/dm of the last slot, with the mass as a leaf of value 1.
+        unit = torch.ones(400, dtype=torch.float64, requires_grad=True)
+        (compute_gates(logits, entries, num_experts=num_experts, gate_norm=gate_norm, last_slot_mass_T=unit,
+                       num_slots_T=num_slots) * weights).sum().backward()
+        has_virtual = (entries >= num_experts).any(-1)
+        eligible = (max_virtual >= 1) & ~has_virtual
+        assert eligible.sum() > 50 and has_virtual.sum() > 20, "both kinds of token must occur"
+        rows = torch.arange(400)
+        best = num_experts + logits[:, num_experts:].argmax(-1)
+        last = entries[rows, num_slots - 1]
+        pi = torch.sigmoid(logits[rows, best] - logits[rows, last.clamp(min=0)])
+        # What the plain gates give every logit (selected virtual entries have gates of their own).
+        plain = logits.clone().requires_grad_(True)
+        (compute_gates(plain, entries, num_experts=num_experts, gate_norm=gate_norm) * weights).sum().backward()
+        extra = leaf.grad - plain.grad
+        expected = torch.where(eligible, -unit.grad * pi * (1 - pi), torch.zeros_like(pi))
+        torch.testing.assert_close(extra[rows, best], expected)
+        # The other virtual logit gets nothing extra (it takes no part in the comparison).
+        other = num_experts + (1 - (best - num_experts))
+        torch.testing.assert_close(extra[rows, other], torch.zeros_like(pi))
+        assert torch.all(expected[eligible] != 0)

@@ -30,6 +30,10 @@ class AnyExpertsConfig:
     # At most floor(rho_max * K_i) of a token's slots are virtual.
     rho_max: float = 0.25
     virtual_kind: str = "zero"  # zero | copy | constant
+    # Straight-through gradient for the virtual decision (router.virtual_straight_through_mass):
+    # where a virtual slot was allowed but not taken, the loss tells the virtual logits whether the
+    # real expert in that slot was worth it. Without it zero experts get no loss gradient at all.
+    learn_virtual: bool = False
     # all: gates normalised over every selected entry (virtual ones dilute the real output);
     # real: over real entries only.
     gate_norm: str = "all"

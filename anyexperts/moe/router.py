@@ -164,6 +164,29 @@ def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_expert
     return weight_TK / torch.where(on_top_TK, norm_T1 + weight_TK, norm_T1)
 
 
+def virtual_straight_through_mass(logits_TX: torch.Tensor, entry_TK: torch.Tensor, num_slots_T: torch.Tensor,
+                                  max_virtual_T: torch.Tensor, last_slot_mass_T: Optional[torch.Tensor], *,
+                                  num_experts: int) -> torch.Tensor:
+    """Mass of slot K_i - 1 with the virtual decision's straight-through gradient (learn_virtual).
+
+    Where a token may hold a virtual slot but chose none, its last slot is the real expert a
+    virtual one would displace. That slot keeps weight 1 in the forward, times
+    1 - (pi - stop_grad(pi)) with pi = sigmoid(best virtual logit - that expert's logit): the
+    loss then tells the virtual logit whether the last real expert was worth it (it helped:
+    the virtual logit falls; it hurt: it rises). Tokens that chose a virtual slot give no such
+    gradient (the expert they skipped was not computed), as tokens rounded down do for w.
+    """
+    num_tokens = entry_TK.shape[0]
+    rows_T = torch.arange(num_tokens, device=entry_TK.device)
+    last_entry_T = entry_TK[rows_T, (num_slots_T - 1).clamp(min=0)]
+    eligible_T = (max_virtual_T >= 1) & ~(entry_TK >= num_experts).any(-1) & (last_entry_T >= 0)
+    best_virtual_T = logits_TX[:, num_experts:].max(dim=-1).values
+    last_logit_T = logits_TX.gather(1, last_entry_T.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    pi_T = torch.sigmoid(best_virtual_T - last_logit_T)
+    factor_T = torch.where(eligible_T, 1.0 - (pi_T - pi_T.detach()), torch.ones_like(pi_T))
+    return factor_T if last_slot_mass_T is None else last_slot_mass_T.to(factor_T.dtype) * factor_T
+
+
 class AnyExpertsRouter(Router):
     """Logits over E + V entries, variable-K selection with a virtual cap, gates.
 
@@ -218,8 +241,13 @@ class AnyExpertsRouter(Router):
                 entry_at_eval_TK = select_slots(scores_TX, at_eval_T, max_virtual_by_k[at_eval_T],
                                                 num_experts=self.num_experts, k_max=ae.k_max)
                 num_real_at_eval_T = ((entry_at_eval_TK >= 0) & (entry_at_eval_TK < self.num_experts)).sum(-1)
+        last_slot_mass_T = allocation.last_slot_mass_T
+        if ae.learn_virtual and self.training and self.num_virtual_experts > 0:
+            last_slot_mass_T = virtual_straight_through_mass(
+                logits_TX, entry_TK, num_slots_T, max_virtual_by_k[num_slots_T], last_slot_mass_T,
+                num_experts=self.num_experts)
         gate_TK = compute_gates(logits_TX, entry_TK, num_experts=self.num_experts, gate_norm=ae.gate_norm,
-                                last_slot_mass_T=allocation.last_slot_mass_T, num_slots_T=num_slots_T)
+                                last_slot_mass_T=last_slot_mass_T, num_slots_T=num_slots_T)
         is_virtual_TK = entry_TK >= self.num_experts
         real_expert_TK = entry_TK.masked_fill(is_virtual_TK, -1)
         return Routing(logits_TX=logits_TX, num_slots_T=num_slots_T, entry_TK=entry_TK, gate_TK=gate_TK,
