@@ -14,7 +14,8 @@ and run again. A failed run is reported with the end of its log; the others go o
 Per method: val_loss mean, sample std and min/max over seeds; the shuffle gap
 (val_loss_shuffled_allocation - val_loss); val_loss minus top2's on the same seed, read as
 better/worse only when the mean of those paired differences exceeds their std; and, for
-AnyExperts rows, three checks over every layer of every seed (the worst one decides):
+the rows that allocate per token (AnyExperts, top-p, ReMoE), three checks over every layer
+of every seed (the worst one decides; the rivals log no shuffle gap, so c stays empty):
   a_budget_ok      real experts per token (validation if logged, else training) within 2% of the budget
   b_allocation_ok  k_off_mode_frac >= 0.2 and |k_position_corr| < 0.2
   c_shuffle_hurts  shuffle gap mean > std of val_loss over seeds
@@ -44,6 +45,10 @@ def _anyexperts(rounding: str, budget: float, k_max: int) -> list[str]:
             f"moe.anyexperts.k_max={k_max}", f"moe.anyexperts.budget_target={budget}"]
 
 
+def _rival(kind: str, budget: float) -> list[str]:
+    return [f"moe={kind}", f"moe.{kind}.target_real_experts={budget}"]
+
+
 # k_max = 3 leaves budget 1.8 room on both sides; budget 2.0 needs k_max = 4 for the same.
 METHODS: dict[str, list[str]] = {
     "top1": ["moe=topk", "moe.router_topk=1"],
@@ -51,6 +56,9 @@ METHODS: dict[str, list[str]] = {
     **{f"{rounding}_b{budget}": _anyexperts(rounding, budget, k_max)
        for budget, k_max in ((1.8, 3), (2.0, 4))
        for rounding in ("fractional", "straight_through", "dither")},
+    # The rivals, their controllers holding the same mean real experts per token.
+    "topp_b2.0": _rival("topp", 2.0),
+    "remoe_b2.0": _rival("remoe", 2.0),
 }
 BASELINE = "top2"
 
@@ -73,9 +81,19 @@ def is_anyexperts(method: str) -> bool:
     return _override_value(METHODS[method], "moe") == "anyexperts"
 
 
+_BUDGET_KEYS = {"anyexperts": "moe.anyexperts.budget_target", "topk": "moe.router_topk",
+                "topp": "moe.topp.target_real_experts", "remoe": "moe.remoe.target_real_experts"}
+
+
+def allocates_per_token(method: str) -> bool:
+    """AnyExperts and the rivals (top-p, ReMoE) choose a number of experts per token."""
+    return _override_value(METHODS[method], "moe") in ("anyexperts", "topp", "remoe")
+
+
 def method_budget(method: str) -> float:
-    """Experts per token the method pays for: budget_target for AnyExperts, k for top-k."""
-    key = "moe.anyexperts.budget_target" if is_anyexperts(method) else "moe.router_topk"
+    """Experts per token the method pays for: budget_target for AnyExperts, k for top-k, the
+    controllers' target for top-p and ReMoE."""
+    key = _BUDGET_KEYS[_override_value(METHODS[method], "moe")]
     return float(_override_value(METHODS[method], key))
 
 
@@ -192,7 +210,7 @@ def aggregate_method(method: str, runs: list[dict], baseline_by_seed: dict[int, 
     paired = ({} if method == BASELINE else
               {run["seed"]: run["val_loss"] - baseline_by_seed[run["seed"]] for run in ok if run["seed"] in baseline_by_seed})
     diffs = list(paired.values())
-    if is_anyexperts(method):
+    if allocates_per_token(method):
         checks = allocation_checks(ok, method_budget(method), val_loss["std"], shuffle_gap["mean"])
     else:
         checks = dict.fromkeys(("a_budget_ok", "b_allocation_ok", "c_shuffle_hurts"))
