@@ -55,8 +55,16 @@ def test_methods_have_their_budgets_and_overrides():
     assert "moe.anyexperts.k_rounding=straight_through" in bench.METHODS["straight_through_b2.0"]
     assert "moe.anyexperts.k_max=4" in bench.METHODS["dither_b2.0"]
     assert "moe.anyexperts.k_max=3" in bench.METHODS["fractional_b1.8"]
-    assert len(bench.METHODS) == 8
+    assert len(bench.METHODS) == 10
     assert bench.is_anyexperts("dither_b1.8") and not bench.is_anyexperts("top2")
+
+
+def test_rival_methods_target_the_same_compute():
+    assert bench.method_budget("topp_b2.0") == 2.0 and bench.method_budget("remoe_b2.0") == 2.0
+    assert bench.METHODS["topp_b2.0"] == ["moe=topp", "moe.topp.target_real_experts=2.0"]
+    assert bench.METHODS["remoe_b2.0"] == ["moe=remoe", "moe.remoe.target_real_experts=2.0"]
+    assert bench.allocates_per_token("remoe_b2.0") and bench.allocates_per_token("dither_b1.8")
+    assert not bench.allocates_per_token("top2") and not bench.is_anyexperts("topp_b2.0")
 
 
 def test_extract_run_reads_the_final_validation_and_last_training_stats(tmp_path):

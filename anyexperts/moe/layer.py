@@ -25,6 +25,13 @@ experts, V virtual experts, K = k_max slot columns):
   aux losses (load balance, budget, z) attached to out                   losses.py
   statistics and routing traces                                          stats.py, trace.py
 
+The router is submodules.router: AnyExpertsRouter (router.py) by default, or a rival routing
+method (routers/: TopPRouter, ReLURouter; get_anyexperts_moe_spec picks it from the config's
+type). Every router returns the same `Routing`, so nothing below it branches on the method;
+a router that needs no importance (`uses_importance = False`) gets no importance predictor
+(w is then absent: capacity drops the tokens with the smallest total gate first), and its
+own regulariser (Routing.router_loss) is attached with the aux losses.
+
 Expert weights live in megatron's expert-parallel layout: rank r of the expert-parallel
 group holds experts [r E/ep, (r+1) E/ep), marked allreduce=False by the expert module, so
 megatron DDP reduces their gradients over the expert-data-parallel group; everything else
