@@ -2,12 +2,13 @@
 
 Public API:
     AnyExpertsConfig            settings of one AnyExperts MoE layer
+    TopPConfig, ReMoEConfig     the same layer with a rival router (top-p, ReMoE)
     get_anyexperts_layer_spec   a megatron-core ModuleSpec for a GPT layer whose MLP is it
 """
 
-from anyexperts.moe.config import AnyExpertsConfig
+from anyexperts.moe.config import AnyExpertsConfig, ReMoEConfig, TopPConfig
 
-__all__ = ["AnyExpertsConfig", "get_anyexperts_layer_spec"]
+__all__ = ["AnyExpertsConfig", "ReMoEConfig", "TopPConfig", "get_anyexperts_layer_spec"]
 
 
 def __getattr__(name):

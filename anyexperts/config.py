@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from anyexperts.moe.config import AnyExpertsConfig
+from anyexperts.moe.config import AnyExpertsConfig, ReMoEConfig, TopPConfig
 
 
 @dataclass
@@ -36,7 +36,9 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    kind: str = "topk"  # topk: megatron-core's MoELayer | anyexperts | none (dense)
+    # topk: megatron-core's MoELayer | anyexperts | topp, remoe: the rival routers in the
+    # AnyExperts layer (anyexperts/moe/routers/) | none (dense)
+    kind: str = "topk"
     num_experts: int = 8
     expert_ffn_hidden_size: int = 256
     router_topk: int = 2
@@ -48,6 +50,13 @@ class MoEConfig:
     grouped_gemm: bool = False
     # Settings of the AnyExperts layer (used when kind == "anyexperts").
     anyexperts: AnyExpertsConfig = field(default_factory=AnyExpertsConfig)
+    # Settings of the rival routing methods (used when kind == "topp" / "remoe").
+    topp: TopPConfig = field(default_factory=TopPConfig)
+    remoe: ReMoEConfig = field(default_factory=ReMoEConfig)
+
+    def routing_config(self):
+        """The routing method's settings for the AnyExperts layer (kind anyexperts, topp, remoe)."""
+        return {"anyexperts": self.anyexperts, "topp": self.topp, "remoe": self.remoe}[self.kind]
 
 
 @dataclass
@@ -178,6 +187,11 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
 
 
+# The kinds built as the AnyExperts layer, each with its routing method's settings in moe.<kind>.
+ROUTED_KINDS = ("anyexperts", "topp", "remoe")
+MOE_KINDS = ("topk", *ROUTED_KINDS, "none")
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
@@ -203,7 +217,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _choice("model.activation", m.activation, ("swiglu", "gelu"))
     _choice("model.position_embedding_type", m.position_embedding_type, ("rope", "learned_absolute"))
 
-    _choice("moe.kind", moe.kind, ("topk", "anyexperts", "none"))
+    _choice("moe.kind", moe.kind, MOE_KINDS)
     _choice("moe.token_dispatcher", moe.token_dispatcher, ("alltoall", "allgather"))
     if moe.kind != "none":
         _positive("moe.num_experts", moe.num_experts)
@@ -220,8 +234,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                 "each expert-parallel rank must hold the same number of experts"
             )
         _positive("moe.aux_loss_coeff", moe.aux_loss_coeff, allow_zero=True)
-        if moe.kind == "anyexperts":
-            moe.anyexperts.validate(num_experts=moe.num_experts, prefix="moe.anyexperts.")
+        if moe.kind in ROUTED_KINDS:
+            moe.routing_config().validate(num_experts=moe.num_experts, prefix=f"moe.{moe.kind}.")
 
     _choice("parallel.backend", par.backend, ("auto", "nccl", "gloo"))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):

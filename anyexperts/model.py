@@ -3,7 +3,8 @@
 The transformer config comes from `TrainConfig` (anyexperts.config). On a machine
 without Transformer Engine the local spec (plain torch modules) is used; with TE the TE
 spec. The MLP of each MoE layer is megatron-core's MoELayer (`moe.kind=topk`) or the
-AnyExperts layer (`moe.kind=anyexperts`, anyexperts/moe/specs.py).
+AnyExperts layer (anyexperts/moe/specs.py) with its own router (`moe.kind=anyexperts`) or a
+rival one (`moe.kind=topp` / `remoe`, anyexperts/moe/routers/).
 
 Initialisation is layout-invariant (`reinit_layout_invariant`): every parameter is drawn
 from a generator seeded by the run seed and the parameter's *global* name (expert
@@ -120,7 +121,7 @@ def layer_specs(cfg: TrainConfig, config) -> list:
         from anyexperts.moe.specs import get_anyexperts_layer_spec
 
         moe_spec = get_anyexperts_layer_spec(
-            cfg.moe.anyexperts, use_transformer_engine=use_te, normalization=cfg.model.normalization)
+            cfg.moe.routing_config(), use_transformer_engine=use_te, normalization=cfg.model.normalization)
     return [moe_spec if i % cfg.moe.layer_freq == 0 else dense for i in range(cfg.model.num_layers)]
 
 
@@ -252,7 +253,10 @@ def estimate_num_parameters(cfg: TrainConfig, vocab_size: int) -> tuple[int, int
             expert = gate_factor * hidden * moe.expert_ffn_hidden_size
             router = hidden * (moe.num_experts + (moe.anyexperts.num_virtual_experts if moe.kind == "anyexperts" else 0))
             total += moe.num_experts * expert + router
-            slots = moe.router_topk if moe.kind == "topk" else moe.anyexperts.k_max
+            slots = {"topk": moe.router_topk, "anyexperts": moe.anyexperts.k_max,
+                     # The rivals' widest token: max_experts (all E when unset).
+                     "topp": moe.topp.max_experts or moe.num_experts,
+                     "remoe": moe.remoe.max_experts or moe.num_experts}[moe.kind]
             active += slots * expert + router
         else:
             total += dense_mlp

@@ -55,8 +55,16 @@ def test_methods_have_their_budgets_and_overrides():
     assert "moe.anyexperts.k_rounding=straight_through" in bench.METHODS["straight_through_b2.0"]
     assert "moe.anyexperts.k_max=4" in bench.METHODS["dither_b2.0"]
     assert "moe.anyexperts.k_max=3" in bench.METHODS["fractional_b1.8"]
-    assert len(bench.METHODS) == 8
+    assert len(bench.METHODS) == 10
     assert bench.is_anyexperts("dither_b1.8") and not bench.is_anyexperts("top2")
+
+
+def test_rival_methods_target_the_same_compute():
+    assert bench.method_budget("topp_b2.0") == 2.0 and bench.method_budget("remoe_b2.0") == 2.0
+    assert bench.METHODS["topp_b2.0"] == ["moe=topp", "moe.topp.target_real_experts=2.0"]
+    assert bench.METHODS["remoe_b2.0"] == ["moe=remoe", "moe.remoe.target_real_experts=2.0"]
+    assert bench.allocates_per_token("remoe_b2.0") and bench.allocates_per_token("dither_b1.8")
+    assert not bench.allocates_per_token("top2") and not bench.is_anyexperts("topp_b2.0")
 
 
 def test_extract_run_reads_the_final_validation_and_last_training_stats(tmp_path):
@@ -137,15 +145,28 @@ def test_paired_differences_only_on_seeds_top2_ran():
     assert top1["val_loss"]["std"] == pytest.approx(statistics.stdev([2.3, 2.5]))
 
 
-def test_check_a_budget_uses_validation_experts_and_the_worst_layer():
-    inside = [_ok_run("dither_b1.8", 1, 2.0, val_real_experts_per_token=[1.79, 1.83], real_experts_per_token=[1.0, 1.0])]
+def test_check_a_budget_uses_the_training_window_and_the_worst_layer():
+    inside = [_ok_run("dither_b1.8", 1, 2.0, real_experts_per_token_window=[1.79, 1.83],
+                      val_real_experts_per_token=[1.7, 1.8], real_experts_per_token=[1.0, 1.0])]
     checks = bench.allocation_checks(inside, 1.8, None, None)
-    assert checks["a_budget_ok"] is True  # 1.83 is 1.7% off; the training value 1.0 is not used
+    assert checks["a_budget_ok"] is True  # 1.83 is 1.7% off; the last step alone (1.0) is not used
     assert checks["a_worst_rel_budget_deviation"] == pytest.approx(0.03 / 1.8)
+    # Validation's count is reported beside it, not checked.
+    assert checks["a_val_worst_rel_budget_deviation"] == pytest.approx(0.1 / 1.8)
     outside = [inside[0], _ok_run("dither_b1.8", 2, 2.0, real_experts_per_token=[1.8, 1.85])]
     checks = bench.allocation_checks(outside, 1.8, None, None)
-    assert checks["a_budget_ok"] is False  # seed 2 has no val stat: its training 1.85 is 2.8% off
+    assert checks["a_budget_ok"] is False  # seed 2 has no window: its last training 1.85 is 2.8% off
     assert bench.allocation_checks([_ok_run("dither_b1.8", 1, 2.0)], 1.8, None, None)["a_budget_ok"] is None
+
+
+def test_training_window_averages_the_last_tenth_of_steps(tmp_path):
+    records = [{"step": step, "loss": 2.0, **_layers("real_experts_per_token", [1.0 + step / 1000, 2.0])}
+               for step in range(10, STEPS + 1, 10)]
+    records.append(_final_record(2.0, real=(1.9, 2.0)))
+    row = bench.extract_run(_write_run(tmp_path / "run", records), STEPS)
+    window_steps = [step for step in range(10, STEPS + 1, 10) if step > STEPS - STEPS // 10] + [STEPS]
+    expected = statistics.fmean([1.0 + step / 1000 for step in window_steps[:-1]] + [1.9])
+    assert row["real_experts_per_token_window"] == pytest.approx([expected, 2.0])
 
 
 def test_check_b_allocation_needs_every_layer_off_the_mode_and_uncorrelated():

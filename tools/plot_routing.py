@@ -83,7 +83,8 @@ def summarise(trace: list[dict]) -> list[dict]:
         dropped = record["dropped_mask"].bool()
         real = (expert_ids >= 0) & (expert_ids < num_experts) & ~virtual
         k = record["k"]
-        importance = record["importance"].float()
+        # The rival routers (top-p, ReMoE) have no importance: their rows show NaN there.
+        importance = record["importance"].float() if "importance" in record else torch.full((k.numel(),), float("nan"))
         real_per_token = (real & ~dropped).sum(1)
         row = {
             "layer": int(record["layer_number"]),
@@ -128,9 +129,9 @@ def _draw(trace: list[dict], png: Path) -> None:
         seq_length = int(record.get("seq_length", record["k"].numel()))
         batch = record["k"].numel() // seq_length
         # The first sequence of the batch: tokens are stored [sequence, batch].
-        importance = record["importance"].reshape(seq_length, batch)[:, 0]
         k = record["k"].reshape(seq_length, batch)[:, 0]
-        ax.plot(importance.numpy(), label="importance w")
+        if "importance" in record:
+            ax.plot(record["importance"].reshape(seq_length, batch)[:, 0].numpy(), label="importance w")
         ax.step(range(seq_length), (k.float() / k.max().clamp(min=1)).numpy(), label="K (scaled)", where="mid")
         ax.set_title(f"layer {int(record['layer_number'])}")
         ax.legend(loc="upper right")

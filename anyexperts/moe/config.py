@@ -1,7 +1,9 @@
-"""Settings of one AnyExperts MoE layer (docs: ../../README.md, "The AnyExperts layer").
+"""Settings of one AnyExperts MoE layer and of its rival routers, top-p and ReMoE (docs:
+../../README.md, "The AnyExperts layer" and "Rival routing methods").
 
 Plain dataclass with no Hydra or megatron dependency, so that users can build the layer
-in their own megatron-core models: `AnyExpertsConfig(k_min=2, k_max=6, ...)`.
+in their own megatron-core models: `AnyExpertsConfig(k_min=2, k_max=6, ...)`,
+`TopPConfig(target_real_experts=2.0)`, `ReMoEConfig(target_real_experts=2.0)`.
 """
 
 from __future__ import annotations
@@ -113,3 +115,95 @@ class AnyExpertsConfig:
             fail("budget_target", f"must lie in [k_min={self.k_min}, k_max={self.k_max}]")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             fail("capacity_factor", "must be > 0 (or null for no capacity limit)")
+
+
+def _check_shared(config, *, num_experts: int, prefix: str) -> int:
+    """Checks the fields the rival routing configs share; returns their slot columns K."""
+
+    def fail(name: str, message: str) -> None:
+        raise ValueError(f"{prefix}{name}={getattr(config, name)!r} {message}")
+
+    if config.max_experts is not None and not 1 <= config.max_experts <= num_experts:
+        fail("max_experts", f"must lie in [1, {num_experts}] (the real experts), or be null for all of them")
+    num_slots = num_experts if config.max_experts is None else config.max_experts
+    if config.target_real_experts is not None and not 1.0 <= config.target_real_experts <= num_slots:
+        fail("target_real_experts", f"must lie in [1, {num_slots}] (max_experts), or be null for no controller")
+    for name in ("load_balance_coeff", "z_loss_coeff"):
+        if getattr(config, name) < 0:
+            fail(name, "must be >= 0")
+    if config.capacity_factor is not None and config.capacity_factor <= 0:
+        fail("capacity_factor", "must be > 0 (or null for no capacity limit)")
+    return num_slots
+
+
+def _layer_settings(config) -> AnyExpertsConfig:
+    # The rival routers decide every token's experts themselves: no importance, no virtual
+    # experts, no fusion, no budget loss; only the losses and the capacity are the layer's.
+    # The layer's own K range is then unused (its K histogram spans the router's slot_range).
+    return AnyExpertsConfig(k_min=1, k_max=1, k_rounding="nearest", num_virtual_experts=0, rho_max=0.0,
+                            alpha=0.0, learn_alpha=False, budget_coeff=0.0, budget_target=None,
+                            load_balance_coeff=config.load_balance_coeff, z_loss_coeff=config.z_loss_coeff,
+                            capacity_factor=config.capacity_factor)
+
+
+@dataclass
+class TopPConfig:
+    """Top-p routing ("Harder Tasks Need More Experts", arXiv 2403.07652): per token, experts
+    in probability order until their summed probability reaches p; raw probabilities as gates."""
+
+    # Initial threshold p in (0, 1] (the paper's 0.4).
+    top_p: float = 0.4
+    # Slot columns: at most this many experts per token; null = all E.
+    max_experts: Optional[int] = None
+    # Router-entropy loss: without it the router flattens its distribution to buy experts.
+    entropy_coeff: float = 1e-4
+    # Mean real experts per token the threshold controller holds; null = p stays fixed (the paper).
+    target_real_experts: Optional[float] = None
+    # After each optimizer step p += p_update_rate * (target - measured), clipped to [1e-3, 1].
+    p_update_rate: float = 0.01
+    load_balance_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    capacity_factor: Optional[float] = None
+
+    def validate(self, *, num_experts: int, prefix: str = "") -> None:
+        _check_shared(self, num_experts=num_experts, prefix=prefix)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"{prefix}top_p={self.top_p!r} must lie in (0, 1]")
+        for name in ("entropy_coeff", "p_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{prefix}{name}={getattr(self, name)!r} must be >= 0")
+
+    def layer_settings(self) -> AnyExpertsConfig:
+        """The AnyExperts layer's settings around this router: its losses and capacity."""
+        return _layer_settings(self)
+
+
+@dataclass
+class ReMoEConfig:
+    """ReMoE routing (arXiv 2412.14711): gates ReLU(router logits), an expert is active where
+    its gate is > 0; an L1 penalty on the gates with an adaptive coefficient holds the count."""
+
+    max_experts: Optional[int] = None
+    # The coefficient's start (the paper's 1e-8) and its factor per step (the paper's 1.2):
+    # after each optimizer step l1_coeff *= l1_coeff_factor ** sign(measured - target).
+    l1_coeff: float = 1e-8
+    l1_coeff_factor: float = 1.2
+    # Weigh each expert's gates by its share of the active slots (E n_e / sum n, no gradient):
+    # the paper's load-balanced L1, which penalises busy experts more.
+    l1_balance: bool = True
+    # Mean real experts per token the coefficient holds; null = the coefficient stays fixed.
+    target_real_experts: Optional[float] = None
+    load_balance_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+    capacity_factor: Optional[float] = None
+
+    def validate(self, *, num_experts: int, prefix: str = "") -> None:
+        _check_shared(self, num_experts=num_experts, prefix=prefix)
+        if not self.l1_coeff > 0:
+            raise ValueError(f"{prefix}l1_coeff={self.l1_coeff!r} must be > 0 (it is scaled by a factor per step)")
+        if not self.l1_coeff_factor >= 1.0:
+            raise ValueError(f"{prefix}l1_coeff_factor={self.l1_coeff_factor!r} must be >= 1")
+
+    def layer_settings(self) -> AnyExpertsConfig:
+        """The AnyExperts layer's settings around this router: its losses and capacity."""
+        return _layer_settings(self)

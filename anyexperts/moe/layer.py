@@ -25,6 +25,13 @@ experts, V virtual experts, K = k_max slot columns):
   aux losses (load balance, budget, z) attached to out                   losses.py
   statistics and routing traces                                          stats.py, trace.py
 
+The router is submodules.router: AnyExpertsRouter (router.py) by default, or a rival routing
+method (routers/: TopPRouter, ReLURouter; get_anyexperts_moe_spec picks it from the config's
+type). Every router returns the same `Routing`, so nothing below it branches on the method;
+a router that needs no importance (`uses_importance = False`) gets no importance predictor
+(w is then absent: capacity drops the tokens with the smallest total gate first), and its
+own regulariser (Routing.router_loss) is attached with the aux losses.
+
 Expert weights live in megatron's expert-parallel layout: rank r of the expert-parallel
 group holds experts [r E/ep, (r+1) E/ep), marked allreduce=False by the expert module, so
 megatron DDP reduces their gradients over the expert-data-parallel group; everything else
@@ -55,7 +62,7 @@ from torch import nn
 
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from anyexperts.moe import allocation, stats, trace
@@ -109,6 +116,17 @@ class VirtualExperts(nn.Module):
         return copy_share_T1 * hidden_TH + (gate_TV * mix_TV2[..., 1]) @ self.constant_VH
 
 
+def _router_spec(router):
+    """The router class or ModuleSpec of submodules.router; AnyExpertsRouter when it names none
+    of the routing methods (megatron's default MoESubmodules router, or None)."""
+    from anyexperts.moe.routers.base import SlotRouter
+
+    module = router.module if isinstance(router, ModuleSpec) else router
+    if isinstance(module, type) and issubclass(module, (AnyExpertsRouter, SlotRouter)):
+        return router
+    return AnyExpertsRouter
+
+
 class AnyExpertsMoELayer(BaseMoELayer):
     """megatron-core MoE layer with importance-driven variable slots (see module docstring)."""
 
@@ -139,19 +157,20 @@ class AnyExpertsMoELayer(BaseMoELayer):
         self.aux_losses = AuxLossTerms(ae, num_experts=num_experts, scope_group=getattr(pg_collection, "tp_cp", None),
                                        data_group=getattr(pg_collection, "tp_dp_cp", None),
                                        per_token_loss=config.calculate_per_token_loss)
-        self.importance = ImportancePredictor(hidden_size=config.hidden_size,
-                                              importance_hidden_size=ae.importance_hidden_size,
-                                              init_method=config.init_method, params_dtype=config.params_dtype,
-                                              budget_bias_rate=ae.budget_bias_rate if ae.k_max > ae.k_min else 0.0,
-                                              budget_target=ae.budget_target,
-                                              logit_std=ae.importance_logit_std)
-        if not (self.learns_allocation or self.uses_fusion or self.aux_losses.uses_budget):
-            # w then only sets K and capacity order (no gradient path): keep DDP from waiting for grads.
-            self.importance.requires_grad_(False)
-        router_cls = submodules.router
-        if not (isinstance(router_cls, type) and issubclass(router_cls, AnyExpertsRouter)):
-            router_cls = AnyExpertsRouter
-        self.router = router_cls(config=config, pg_collection=pg_collection, anyexperts_config=ae)
+        router_spec = _router_spec(submodules.router)
+        router_module = router_spec.module if isinstance(router_spec, ModuleSpec) else router_spec
+        self.importance = None
+        if router_module.uses_importance:
+            self.importance = ImportancePredictor(hidden_size=config.hidden_size,
+                                                  importance_hidden_size=ae.importance_hidden_size,
+                                                  init_method=config.init_method, params_dtype=config.params_dtype,
+                                                  budget_bias_rate=ae.budget_bias_rate if ae.k_max > ae.k_min else 0.0,
+                                                  budget_target=ae.budget_target,
+                                                  logit_std=ae.importance_logit_std)
+            if not (self.learns_allocation or self.uses_fusion or self.aux_losses.uses_budget):
+                # w then only sets K and capacity order (no gradient path): keep DDP from waiting for grads.
+                self.importance.requires_grad_(False)
+        self.router = build_module(router_spec, config=config, pg_collection=pg_collection, anyexperts_config=ae)
         self.experts = build_module(submodules.experts, self.num_local_experts, config, pg_collection=pg_collection)
         ep_group = self.ep_group if self.ep_group is not None and self.ep_group.size() > 1 else None
         self.token_dispatcher = VariableSlotAllToAll(num_experts=num_experts, ep_group=ep_group)
@@ -177,15 +196,18 @@ class AnyExpertsMoELayer(BaseMoELayer):
         hidden_TH = hidden_states.reshape(-1, in_shape[-1])
         ae, num_experts = self.ae, self.config.num_moe_experts
 
-        importance_T = self.importance(hidden_TH)
+        importance_T = self.importance(hidden_TH) if self.importance is not None else None
         # Position s of each row of [S, B, H] (row order s * B + b): the dither and the statistics use it.
         position_T = sequence_positions(in_shape, device=hidden_TH.device)
         allocation_importance_T = importance_T
-        if not self.training and allocation.shuffle_is_active():  # diagnostic: kappa of another token
+        if importance_T is not None and not self.training and allocation.shuffle_is_active():
+            # Diagnostic: each token gets the kappa of another token.
             allocation_importance_T = importance_T[allocation.shuffle_permutation(
                 importance_T.shape[0], layer_number=self.layer_number or 0, device=importance_T.device)]
         routing = self.router(hidden_TH, allocation_importance_T, position_T)
-        plan = apply_capacity(routing.real_expert_TK, importance_T, num_experts=num_experts,
+        # Without an importance, a token's total gate decides who is dropped first under capacity.
+        priority_T = importance_T if importance_T is not None else routing.gate_TK.detach().sum(-1)
+        plan = apply_capacity(routing.real_expert_TK, priority_T, num_experts=num_experts,
                               capacity_factor=ae.capacity_factor)
         tokens_NH, tokens_per_expert, probs_N = self.token_dispatcher.dispatch(hidden_TH, plan.expert_TK,
                                                                                routing.gate_TK)
@@ -199,26 +221,39 @@ class AnyExpertsMoELayer(BaseMoELayer):
             y_TH = y_TH + (self.alpha * importance_T).to(hidden_TH.dtype).unsqueeze(-1) * hidden_TH
 
         aux = None
-        if self.training and torch.is_grad_enabled() and self.aux_losses.enabled:
-            aux = self.aux_losses(logits_TX=routing.logits_TX, real_expert_TK=routing.real_expert_TK,
-                                  importance_T=importance_T, num_real_counted_T=routing.num_real_counted_T,
-                                  num_slots_T=routing.num_slots_T)
-            if aux.attached is not None:
-                y_TH = MoEAuxLossAutoScaler.apply(y_TH, aux.attached)
-        if self.importance.controls_budget and self.training and torch.is_grad_enabled():
-            self.importance.count_for_budget(routing.num_real_counted_T)
+        if self.training and torch.is_grad_enabled():
+            attached = []
+            if self.aux_losses.enabled:
+                aux = self.aux_losses(logits_TX=routing.logits_TX, real_expert_TK=routing.real_expert_TK,
+                                      importance_T=importance_T, num_real_counted_T=routing.num_real_counted_T,
+                                      num_slots_T=routing.num_slots_T)
+                if aux.attached is not None:
+                    attached.append(aux.attached)
+            if routing.router_loss is not None:
+                # As AuxLossTerms does: megatron's per-token loss divides every gradient by the token count.
+                scale = hidden_TH.shape[0] if self.config.calculate_per_token_loss else 1
+                attached.append(routing.router_loss * scale)
+            if attached:
+                y_TH = MoEAuxLossAutoScaler.apply(y_TH, sum(attached[1:], attached[0]))
+            if self.importance is not None and self.importance.controls_budget:
+                self.importance.count_for_budget(routing.num_real_counted_T)
         if stats.should_record(self.training) and hidden_TH.shape[0] > 0:
             self._record_stats(importance_T, position_T, routing, plan, aux)
         if trace.is_active():
-            trace.append(dict(layer_number=self.layer_number, importance=importance_T, k=routing.num_slots_T,
-                              expert_ids=routing.entry_TK, virtual_mask=routing.is_virtual_TK,
-                              dropped_mask=plan.dropped_TK, gates=routing.gate_TK.float(), num_experts=num_experts))
+            record = dict(layer_number=self.layer_number, k=routing.num_slots_T,
+                          expert_ids=routing.entry_TK, virtual_mask=routing.is_virtual_TK,
+                          dropped_mask=plan.dropped_TK, gates=routing.gate_TK.float(), num_experts=num_experts)
+            if importance_T is not None:
+                record["importance"] = importance_T
+            trace.append(record)
         return y_TH.view(in_shape), None
 
     @torch.no_grad()
-    def _record_stats(self, importance_T: torch.Tensor, position_T: torch.Tensor, routing: Routing,
+    def _record_stats(self, importance_T: Optional[torch.Tensor], position_T: torch.Tensor, routing: Routing,
                       plan: CapacityPlan, aux: Optional[AuxLosses]) -> None:
-        ae, layer = self.ae, self.layer_number if self.layer_number is not None else 0
+        layer = self.layer_number if self.layer_number is not None else 0
+        min_slots, max_slots = self.router.slot_range
+        device = routing.num_slots_T.device
         num_real_T = routing.num_real_T
         # Counts average in float64: exact enough that per-rank means average to the global mean.
         stats.record(layer, "real_experts_per_token", num_real_T.double().mean())
@@ -227,12 +262,15 @@ class AnyExpertsMoELayer(BaseMoELayer):
         stats.record_slot_moments(layer, routing.num_slots_T, position_T)
         stats.record(layer, "virtual_experts_per_token", routing.num_virtual_T.double().mean())
         stats.record(layer, "slots_per_token", routing.num_slots_T.double().mean())
-        k_histogram = torch.zeros(ae.k_max - ae.k_min + 1, dtype=torch.float64, device=importance_T.device)
-        k_histogram.scatter_add_(0, routing.num_slots_T - ae.k_min,
+        k_histogram = torch.zeros(max_slots - min_slots + 1, dtype=torch.float64, device=device)
+        k_histogram.scatter_add_(0, routing.num_slots_T - min_slots,
                                  torch.ones_like(routing.num_slots_T, dtype=torch.float64))
         stats.record(layer, "k_histogram", k_histogram, reduction="sum")
-        stats.record(layer, "importance_mean", importance_T.mean())
-        stats.record(layer, "importance_std", importance_T.std(correction=0))
+        if importance_T is not None:
+            stats.record(layer, "importance_mean", importance_T.mean())
+            stats.record(layer, "importance_std", importance_T.std(correction=0))
+        for name, value in routing.router_stats.items():
+            stats.record(layer, name, value)
         tokens_per_expert = count_per_expert(plan.expert_TK, num_experts=self.config.num_moe_experts)
         stats.record(layer, "tokens_per_expert", tokens_per_expert)
         stats.record(layer, "load_imbalance", tokens_per_expert.max() / tokens_per_expert.mean().clamp(min=1e-12))

@@ -45,8 +45,9 @@ counts over the data-parallel group and applies b_e += rate * sign(mean load - l
 
 Trainer API:
     reset_global_batch_state(model)   at the start of every global batch (step)
-    update_selection_biases(model)    after every optimizer step (selection biases and the budget's
-                                      integral controller; no-op when neither is on)
+    update_selection_biases(model)    after every optimizer step (selection biases, the budget's
+                                      integral controller and the routing methods' budget
+                                      controllers; no-op when none is on)
 """
 
 from __future__ import annotations
@@ -131,19 +132,21 @@ class AuxLossTerms(nn.Module):
         self.global_sums.data = self.global_sums.data.double()
         return self
 
-    def _sums(self, real_expert_TK, importance_T, num_real_counted_T) -> torch.Tensor:
+    def _sums(self, real_expert_TK, num_real_counted_T) -> torch.Tensor:
         # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (which would sync).
-        num_tokens = torch.full((1,), float(importance_T.shape[0]), dtype=torch.float64, device=importance_T.device)
+        num_tokens = torch.full((1,), float(real_expert_TK.shape[0]), dtype=torch.float64,
+                                device=real_expert_TK.device)
         counts_E = count_per_expert(real_expert_TK, num_experts=self.num_experts, dtype=torch.float64)
         return torch.cat([counts_E, counts_E.sum().view(1), num_real_counted_T.double().sum().view(1), num_tokens])
 
-    def forward(self, *, logits_TX: torch.Tensor, real_expert_TK: torch.Tensor, importance_T: torch.Tensor,
+    def forward(self, *, logits_TX: torch.Tensor, real_expert_TK: torch.Tensor, importance_T: Optional[torch.Tensor],
                 num_real_counted_T: torch.Tensor, num_slots_T: Optional[torch.Tensor] = None) -> AuxLosses:
+        """importance_T may be None only without the budget term (a router with no importance)."""
         ae, num_experts = self.ae, self.num_experts
-        num_local_tokens = importance_T.shape[0]
+        num_local_tokens = real_expert_TK.shape[0]
         scope_size = _group_size(self.scope_group)
         with torch.no_grad():
-            local_sums = self._sums(real_expert_TK, importance_T, num_real_counted_T)
+            local_sums = self._sums(real_expert_TK, num_real_counted_T)
             micro_sums = local_sums
             if scope_size > 1:
                 micro_sums = local_sums.clone()
@@ -221,15 +224,19 @@ def update_selection_biases(model, group=None) -> None:
       b_e += rate * sign(mean load - load_e);
     - importance logit offset of every layer with budget_bias_rate > 0 (importance.py):
       offset -= rate * (R - budget_target), R the step's mean counted real slots per token;
-    - running mean and std of the importance logit (importance_logit_std set).
+    - running mean and std of the importance logit (importance_logit_std set);
+    - every active budget controller of a routing method (routers/budget.py: top-p's p,
+      ReMoE's L1 coefficient).
     Every rank holds the same layers, so every rank issues the same collectives."""
     from anyexperts.moe.importance import ImportancePredictor
     from anyexperts.moe.router import AnyExpertsRouter
+    from anyexperts.moe.routers.budget import RealExpertsController, update_count_controllers
 
     routers = [m for m in _modules(model) if isinstance(m, AnyExpertsRouter) and m.bias_balancing]
     predictors = [m for m in _modules(model) if isinstance(m, ImportancePredictor)
                   and (m.controls_budget or m.normalizes_logit)]
-    if not routers and not predictors:
+    controllers = [m for m in _modules(model) if isinstance(m, RealExpertsController) and m.is_active]
+    if not routers and not predictors and not controllers:
         return
     if group is None and dist.is_initialized():
         from megatron.core import parallel_state
@@ -259,3 +266,4 @@ def update_selection_biases(model, group=None) -> None:
                                 torch.zeros_like(counted))
             predictor.logit_offset -= (predictor.budget_bias_rate * error).float()
             predictor.budget_counts.zero_()
+    update_count_controllers(controllers, group=group if _group_size(group) > 1 else None)

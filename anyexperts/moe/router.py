@@ -36,7 +36,7 @@ it after each optimizer step from the loads counted here in `bias_tokens_per_exp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -62,6 +62,11 @@ class Routing:
     # Real slots per token the budget counts: those evaluation selects (allocation.py); equal to
     # num_real_T except in fractional training, which computes up to one more.
     num_real_at_eval_T: Optional[torch.Tensor] = None
+    # A routing method's own regulariser, coefficient included (top-p's entropy, ReMoE's L1):
+    # the layer attaches it with its aux losses. None: the method has none.
+    router_loss: Optional[torch.Tensor] = None
+    # Per-layer scalars the method logs beside the layer's statistics (stats.py), no gradient.
+    router_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_real_T(self) -> torch.Tensor:
@@ -195,6 +200,8 @@ class AnyExpertsRouter(Router):
     E + V rows instead of E.
     """
 
+    uses_importance = True
+
     def __init__(self, config: TransformerConfig, pg_collection=None, *,
                  anyexperts_config: AnyExpertsConfig) -> None:
         if pg_collection is None:
@@ -214,6 +221,11 @@ class AnyExpertsRouter(Router):
         # Real slots per expert since the last bias update (this rank's tokens).
         self.register_buffer("bias_tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32),
                              persistent=False)
+
+    @property
+    def slot_range(self) -> tuple[int, int]:
+        """The range of Routing.num_slots_T."""
+        return self.ae.k_min, self.ae.k_max
 
     @property
     def bias_balancing(self) -> bool:

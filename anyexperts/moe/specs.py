@@ -14,6 +14,8 @@ Usage in your own megatron-core model (parallel_state initialised as usual):
     anyexperts = AnyExpertsConfig(k_min=2, k_max=6, num_virtual_experts=2, rho_max=0.25,
                                   budget_target=3.6, gate_norm="real", alpha=0.1, learn_alpha=True)
     layer_spec = get_anyexperts_layer_spec(anyexperts, normalization="RMSNorm")
+    # A rival routing method in the same layer: get_anyexperts_layer_spec(TopPConfig(...)) or
+    # get_anyexperts_layer_spec(ReMoEConfig(...)) (anyexperts/moe/routers/).
     model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=32000,
                      max_sequence_length=1024)
 
@@ -39,7 +41,9 @@ from typing import Union
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from anyexperts.moe.config import AnyExpertsConfig
+from anyexperts.moe.config import AnyExpertsConfig, ReMoEConfig, TopPConfig
+
+RoutingConfig = Union[AnyExpertsConfig, TopPConfig, ReMoEConfig]
 
 # The base specs only check num_experts against None (to pick the MoE layout: an unfused
 # pre-MLP norm); the real count comes from TransformerConfig.num_moe_experts at build time.
@@ -80,32 +84,49 @@ def _expert_spec(expert_module, use_transformer_engine: bool, normalization: str
     raise ValueError(f"expert_module={expert_module!r} must be None, a module class or a ModuleSpec")
 
 
-def get_anyexperts_moe_spec(anyexperts_config: AnyExpertsConfig, *, use_transformer_engine: bool = False,
+def _routing_method(routing_config: RoutingConfig) -> tuple[AnyExpertsConfig, Union[type, ModuleSpec]]:
+    """(the layer's settings, the router class or spec) of one routing method's config."""
+    from anyexperts.moe.router import AnyExpertsRouter
+    from anyexperts.moe.routers import ReLURouter, TopPRouter
+
+    if isinstance(routing_config, AnyExpertsConfig):
+        return routing_config, AnyExpertsRouter
+    for config_cls, router_cls in ((TopPConfig, TopPRouter), (ReMoEConfig, ReLURouter)):
+        if isinstance(routing_config, config_cls):
+            return routing_config.layer_settings(), ModuleSpec(module=router_cls,
+                                                               params={"routing_config": routing_config})
+    raise ValueError(f"routing config must be an AnyExpertsConfig, TopPConfig or ReMoEConfig, "
+                     f"got {type(routing_config).__name__}")
+
+
+def get_anyexperts_moe_spec(routing_config: RoutingConfig, *, use_transformer_engine: bool = False,
                             normalization: str = "RMSNorm",
                             expert_module: Union[None, type, ModuleSpec] = None) -> ModuleSpec:
-    """The MLP part alone: ModuleSpec(AnyExpertsMoELayer, MoESubmodules(experts, router))."""
+    """The MLP part alone: ModuleSpec(AnyExpertsMoELayer, MoESubmodules(experts, router)), the
+    router given by the config's type (AnyExperts, top-p or ReMoE)."""
     from anyexperts.moe.layer import AnyExpertsMoELayer
-    from anyexperts.moe.router import AnyExpertsRouter
 
+    layer_settings, router = _routing_method(routing_config)
     return ModuleSpec(
         module=AnyExpertsMoELayer,
         submodules=MoESubmodules(experts=_expert_spec(expert_module, use_transformer_engine, normalization),
-                                 router=AnyExpertsRouter),
-        params={"anyexperts_config": anyexperts_config},
+                                 router=router),
+        params={"anyexperts_config": layer_settings},
         metainfo={"fuse_pre_mlp_layernorm": False},
     )
 
 
-def get_anyexperts_layer_spec(anyexperts_config: AnyExpertsConfig, *, use_transformer_engine: bool = False,
+def get_anyexperts_layer_spec(routing_config: RoutingConfig, *, use_transformer_engine: bool = False,
                               normalization: str = "RMSNorm",
                               expert_module: Union[None, type, ModuleSpec] = None) -> ModuleSpec:
     """A GPT TransformerLayer spec (megatron's local or TE layout) with the AnyExperts MLP."""
-    if not isinstance(anyexperts_config, AnyExpertsConfig):
-        raise ValueError(f"anyexperts_config must be an AnyExpertsConfig, got {type(anyexperts_config).__name__}")
+    if not isinstance(routing_config, (AnyExpertsConfig, TopPConfig, ReMoEConfig)):
+        raise ValueError(f"routing_config must be an AnyExpertsConfig, TopPConfig or ReMoEConfig, "
+                         f"got {type(routing_config).__name__}")
     if normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"normalization={normalization!r} must be 'RMSNorm' or 'LayerNorm'")
     base = _base_layer_spec(use_transformer_engine, normalization, te_grouped_gemm=False)
-    mlp = get_anyexperts_moe_spec(anyexperts_config, use_transformer_engine=use_transformer_engine,
+    mlp = get_anyexperts_moe_spec(routing_config, use_transformer_engine=use_transformer_engine,
                                   normalization=normalization, expert_module=expert_module)
     return dataclasses.replace(base, submodules=dataclasses.replace(base.submodules, mlp=mlp))
 

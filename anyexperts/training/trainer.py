@@ -129,6 +129,8 @@ def _real_experts_budget(cfg: TrainConfig) -> Optional[float]:
         return float(cfg.moe.router_topk)
     if cfg.moe.kind == "anyexperts":
         return cfg.moe.anyexperts.budget_target
+    if cfg.moe.kind in ("topp", "remoe"):
+        return cfg.moe.routing_config().target_real_experts
     return None
 
 
