@@ -57,6 +57,7 @@ class _FixedImportance(torch.nn.Module):
     """Stands in for the importance MLP: returns a given w (a leaf tensor) for every forward."""
 
     controls_budget = False
+    scale_loss = None
 
     def __init__(self, importance_T: torch.Tensor) -> None:
         super().__init__()
@@ -345,3 +346,37 @@ def test_shuffled_allocation_moves_k_between_tokens_at_evaluation_only():
         with allocation.shuffled_allocation(seed=1):
             layer(hidden)
     assert torch.equal(trace[0]["k"], trace[1]["k"])
+
+
+def test_scale_loss_holds_the_raw_importance_logit_near_unit_scale():
+    ae = _learned_config("straight_through", budget_bias_rate=0.5, budget_target=1.8, rho_max=0.34,
+                         importance_logit_std=2.0, importance_scale_coeff=1.0)
+    layer = _layer(ae)
+    layer.train()
+    predictor = layer.importance
+    hidden = torch.randn(32, 4, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with torch.no_grad():
+        predictor.fc2.weight.mul_(30.0)
+        predictor.fc2.bias.fill_(-5.0)
+
+    def raw_logit():
+        with torch.no_grad():
+            return predictor.fc2(torch.nn.functional.silu(predictor.fc1(hidden.reshape(-1, 16)))).squeeze(-1)
+
+    start = raw_logit()
+    assert start.std() > 3 and start.mean() < -2
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=0.05)
+    for _ in range(100):
+        optimizer.zero_grad()
+        layer(hidden)
+        penalty = predictor.scale_loss
+        assert penalty is not None and penalty.requires_grad
+        penalty.backward()
+        optimizer.step()
+    end = raw_logit()
+    assert abs(float(end.mean())) < 0.2 and abs(float(end.std()) - 1) < 0.2, (end.mean(), end.std())
+    # Evaluation forwards compute none.
+    layer.eval()
+    with torch.no_grad():
+        layer(hidden)
+    assert predictor.scale_loss is None

@@ -44,6 +44,9 @@ class AnyExpertsConfig:
     # a learned allocation otherwise pushes most logits past where the integral controller's
     # offset can move them, and the budget stops holding (docs/METHOD.md). None = raw logit.
     importance_logit_std: Optional[float] = None
+    # With importance_logit_std: coefficient of (mean l)^2 + (log std l)^2 on the raw logit l of each
+    # training forward, which keeps the raw scale (and the MLP's effective step size) from drifting.
+    importance_scale_coeff: float = 0.0
     # Residual fusion out = y + alpha * w * h; alpha is a learned scalar when learn_alpha.
     alpha: float = 0.0
     learn_alpha: bool = False
@@ -106,7 +109,8 @@ class AnyExpertsConfig:
             fail("importance_logit_std", "must be > 0 (or null for the raw logit)")
         if self.importance_hidden_size < 1:
             fail("importance_hidden_size", "must be >= 1")
-        for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate", "budget_bias_rate"):
+        for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate", "budget_bias_rate",
+                     "importance_scale_coeff"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
         if self.budget_bias_rate > 0 and self.budget_target is None:

@@ -166,7 +166,8 @@ class AnyExpertsMoELayer(BaseMoELayer):
                                                   init_method=config.init_method, params_dtype=config.params_dtype,
                                                   budget_bias_rate=ae.budget_bias_rate if ae.k_max > ae.k_min else 0.0,
                                                   budget_target=ae.budget_target,
-                                                  logit_std=ae.importance_logit_std)
+                                                  logit_std=ae.importance_logit_std,
+                                                  scale_coeff=ae.importance_scale_coeff)
             if not (self.learns_allocation or self.uses_fusion or self.aux_losses.uses_budget):
                 # w then only sets K and capacity order (no gradient path): keep DDP from waiting for grads.
                 self.importance.requires_grad_(False)
@@ -229,9 +230,11 @@ class AnyExpertsMoELayer(BaseMoELayer):
                                       num_slots_T=routing.num_slots_T)
                 if aux.attached is not None:
                     attached.append(aux.attached)
+            # As AuxLossTerms does: megatron's per-token loss divides every gradient by the token count.
+            scale = hidden_TH.shape[0] if self.config.calculate_per_token_loss else 1
+            if importance_T is not None and self.importance.scale_loss is not None:
+                attached.append(self.importance.scale_loss * scale)
             if routing.router_loss is not None:
-                # As AuxLossTerms does: megatron's per-token loss divides every gradient by the token count.
-                scale = hidden_TH.shape[0] if self.config.calculate_per_token_loss else 1
                 attached.append(routing.router_loss * scale)
             if attached:
                 y_TH = MoEAuxLossAutoScaler.apply(y_TH, sum(attached[1:], attached[0]))
@@ -276,6 +279,8 @@ class AnyExpertsMoELayer(BaseMoELayer):
         stats.record(layer, "load_imbalance", tokens_per_expert.max() / tokens_per_expert.mean().clamp(min=1e-12))
         stats.record(layer, "dropped_slots", plan.num_dropped.double(), reduction="sum")
         stats.record(layer, "a2a_bytes", torch.tensor(float(self.token_dispatcher.last_bytes_sent)))
+        if importance_T is not None and self.importance.scale_loss is not None:
+            stats.record(layer, "importance_scale_loss", self.importance.scale_loss.detach())
         if aux is not None:
             for name, value in (("load_balance_loss", aux.load_balance), ("budget_loss", aux.budget),
                                 ("z_loss", aux.z)):
