@@ -106,6 +106,12 @@ def test_trace_without_tokens_skips_the_text_pictures(tmp_path):
     assert [line.split(":")[0] for line in skipped] == TRACE_PICTURES[1:]
 
 
+def test_an_empty_trace_is_skipped_with_a_reason(tmp_path):
+    path = save_trace([], tmp_path / "trace.npz")
+    written, skipped = pictures.draw_trace_pictures(path, tmp_path / "out")
+    assert written == [] and len(skipped) == 3 and all("no layer records" in line for line in skipped)
+
+
 def _plot_run(*args: str) -> subprocess.CompletedProcess:
     # A script's own folder heads sys.path: the checkout under test must come before any installed copy.
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -77,24 +77,36 @@ def _layer_series(records: list[dict], name: str) -> dict[int, tuple[list[int], 
 
 
 def draw_loss_curves(runs: dict[str, list[dict]], png: Path) -> Path:
+    """Left the whole runs, right their last two thirds, where the runs' differences are
+    too small to read at the scale of the first steps."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    curves = []
     for index, (name, records) in enumerate(runs.items()):
-        color = f"C{index % 10}"
         train = [(r["step"], float(r["loss"])) for r in records if "loss" in r]
         val = [(r["step"], float(r["val_loss"])) for r in records if "val_loss" in r]
-        if train:
-            ax.plot(*zip(*train), color=color, lw=1.2, label=f"{name} train")
-        if val:
-            ax.plot(*zip(*val), color=color, ls="--", marker="o", ms=4, label=f"{name} validation")
-            step, loss = val[-1]
-            ax.annotate(f"{loss:.3f}", (step, loss), textcoords="offset points", xytext=(4, 4),
-                        color=color, fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title("loss curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        curves.append((name, f"C{index % 10}", train, val))
+    last_step = max((step for _, _, train, val in curves for step, _ in train + val), default=1)
+    zoom_from = last_step / 3
+    for ax in axes:
+        for name, color, train, val in curves:
+            if train:
+                ax.plot(*zip(*train), color=color, lw=1.2, label=f"{name} train")
+            if val:
+                ax.plot(*zip(*val), color=color, ls="--", marker="o", ms=4,
+                        label=f"{name} validation (last {val[-1][1]:.3f})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    zoomed = [loss for _, _, train, val in curves for step, loss in train + val
+              if step >= zoom_from and math.isfinite(loss)]
+    if zoomed:
+        margin = 0.05 * (max(zoomed) - min(zoomed)) + 1e-3
+        axes[1].set_xlim(zoom_from, last_step * 1.02)
+        axes[1].set_ylim(min(zoomed) - margin, max(zoomed) + margin)
+    axes[0].set_ylabel("loss (nats per token)")
+    axes[0].set_title("loss curves")
+    axes[1].set_title(f"from step {zoom_from:.0f}")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, png)
 
@@ -270,6 +282,9 @@ def draw_trace_pictures(trace_path: Optional[Path], out_dir: Path, prefix: str =
     if trace_path is None:
         return [], [f"{prefix}{name}: no routing trace (trainer.routing_trace_at_end=true writes one)" for name in names]
     trace = load_trace(trace_path)
+    if not trace:
+        return [], [f"{prefix}{name}: {trace_path} holds no layer records (megatron's moe=topk layer is not traced)"
+                    for name in names]
     written, skipped = [], []
     for name, draw in zip(names, (draw_k_histogram, draw_text_allocation, draw_real_experts_by_class)):
         try:
