@@ -114,6 +114,9 @@ class TrainerConfig:
     routing_trace_interval: int = 0
     # Also dump one at the last step's validation (the main job does: tools/plot_routing.py reads it).
     routing_trace_at_end: bool = False
+    # After the last step, rank 0 draws the run's PNG pictures into <run_dir>/pictures/ and prints
+    # their paths (anyexperts/training/pictures.py; needs matplotlib). A drawing failure is printed only.
+    pictures_at_end: bool = False
     # --- checkpoint / preemption (issue 5; anyexperts/training/checkpoint.py, signals.py) ---
     # After a stop signal (SIGTERM/SIGUSR1/SIGINT) and its checkpoint, rank 0 runs
     # `scontrol requeue $SLURM_JOB_ID` (when SLURM_JOB_ID is set).

@@ -31,7 +31,9 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # PYTHONPATH: tools/ scripts head sys.path with their own folder; the checkout under test
+    # must still come before any other installed copy of the package.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
     # pytest itself may run under a launcher (or a test may have set these): each run here
     # must discover its own world.
     for name in LAUNCH_VARS:

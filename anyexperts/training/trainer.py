@@ -340,6 +340,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
             checkpointer.save(model, optimizer, scheduler, state)
         result.last_checkpoint = str(checkpointer.last_saved_path) if checkpointer.last_saved_path else None
         # --- end checkpoint / preemption ---
+        if cfg.trainer.pictures_at_end and is_logging_rank and not result.stop_signal:
+            from anyexperts.training.pictures import draw_pictures_at_end
+
+            draw_pictures_at_end(run_dir)
     finally:
         stop.restore()
         logger.close()
