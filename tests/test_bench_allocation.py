@@ -261,3 +261,48 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
 def test_unknown_method_is_an_error(capsys):
     assert bench.main(["--methods", "top3", "--dry-run"]) == 2
     assert "unknown methods" in capsys.readouterr().err
+
+
+def test_extra_validation_losses_get_spreads_and_paired_differences(tmp_path):
+    run = _write_run(tmp_path / "top1_s1", [{**_final_record(2.0), "val_loss/canterbury": 2.7}])
+    assert bench.extract_run(run, STEPS)["extra_val_loss"] == {"canterbury": 2.7}
+    runs = [_ok_run("top2", seed, 2.0, extra_val_loss={"canterbury": value})
+            for seed, value in ((1, 2.5), (2, 2.7), (3, 2.9))]
+    runs += [_ok_run("top1", seed, 2.2, extra_val_loss={"canterbury": value})
+             for seed, value in ((1, 2.7), (2, 2.95), (3, 3.05))]
+    runs.append(_ok_run("top1", 4, 2.2))  # no extra validation logged: left out of its statistics
+    top2, top1 = bench.aggregate(runs, ["top2", "top1"])
+    canterbury = top1["extra_validation"]["canterbury"]
+    assert canterbury["val_loss"]["n"] == 3
+    assert canterbury["val_loss"]["mean"] == pytest.approx((2.7 + 2.95 + 3.05) / 3)
+    assert canterbury["vs_top2"]["diffs_by_seed"] == pytest.approx({1: 0.2, 2: 0.25, 3: 0.15})
+    assert canterbury["vs_top2"]["std"] == pytest.approx(0.05)
+    assert canterbury["vs_top2"]["reading"] == "worse"
+    assert top2["extra_validation"]["canterbury"]["vs_top2"]["reading"] is None
+    assert top2["extra_validation"]["canterbury"]["val_loss"]["std"] == pytest.approx(0.2)
+
+
+def test_extra_validation_flag_adds_the_override_and_reports_a_table(tmp_path, monkeypatch, capsys):
+    def launch(command: list[str], log_path: Path) -> int:
+        run_dir = Path(next(c for c in command if c.startswith("experiment.run_dir=")).partition("=")[2])
+        assert "data.extra_validation=[canterbury]" in command
+        seed = int(next(c for c in command if c.startswith("trainer.seed=")).partition("=")[2])
+        bonus = 0.1 if run_dir.name.startswith("top1") else 0.0
+        _write_run(run_dir, [{**_final_record(2.0), "val_loss/canterbury": 2.5 + seed / 10 + bonus}])
+        log_path.write_text("ok\n")
+        return 0
+
+    monkeypatch.setattr(bench, "launch_run", launch)
+    out_json = tmp_path / "bench.json"
+    code = bench.main(["--methods", "top2,top1", "--seeds", "1,2", "--steps", str(STEPS), "--jobs", "1",
+                       "--out-dir", str(tmp_path / "runs"), "--json", str(out_json), "--extra-validation", "canterbury"])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert "data.extra_validation=[canterbury]" in result["config"]["extra"]
+    top1 = next(m for m in result["methods"] if m["method"] == "top1")
+    assert top1["extra_validation"]["canterbury"]["vs_top2"]["diffs_by_seed"] == pytest.approx({"1": 0.1, "2": 0.1})
+    assert top1["extra_validation"]["canterbury"]["val_loss"]["mean"] == pytest.approx(2.75)
+    table = out[out.index("val_loss/canterbury (a corpus no run trained on):"):].splitlines()
+    assert table[2].split()[:4] == ["top2", "2", "2.6500", "±"]
+    assert table[3].split()[0] == "top1" and "+0.1000" in table[3]

@@ -36,7 +36,7 @@ def test_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize("group,options", [
     ("model", ["tiny", "gpt_1b"]), ("moe", ["topk", "anyexperts", "none", "gpt_1b"]),
-    ("data", ["shakespeare"]), ("optim", ["adamw"]), ("trainer", ["default"]), ("logging", ["default"]),
+    ("data", ["shakespeare", "canterbury"]), ("optim", ["adamw"]), ("trainer", ["default"]), ("logging", ["default"]),
     ("parallel", ["default"]),
 ])
 def test_every_group_option_composes(group, options):
@@ -101,6 +101,30 @@ def test_bad_values_name_the_field(changes, world_size, field):
         setattr(getattr(cfg, group), name, value)
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         validate(cfg, world_size=world_size)
+
+
+def test_extra_validation_composes_from_the_command_line():
+    cfg = to_dataclass(compose_cfg("experiment=shakespeare_cpu", "data.extra_validation=[canterbury]",
+                                   "data.extra_validation_batches=2"))
+    validate(cfg, world_size=2)
+    assert cfg.data.extra_validation == ["canterbury"] and cfg.data.extra_validation_batches == 2
+    assert to_dataclass(compose_cfg()).data.extra_validation == []
+
+
+@pytest.mark.parametrize("source,extra,batches,message", [
+    ("shakespeare", ["gutenberg"], 8, r"data\.extra_validation entry='gutenberg' is not supported; choose one of "
+                                      r"shakespeare, canterbury"),
+    ("shakespeare", ["shakespeare"], 8, r"lists 'shakespeare', the corpus the run trains on"),
+    ("canterbury", ["canterbury"], 8, r"lists 'canterbury', the corpus the run trains on"),
+    ("shakespeare", ["canterbury", "canterbury"], 8, r"names a corpus twice"),
+    ("shakespeare", ["canterbury"], 0, r"data\.extra_validation_batches=0 must be > 0"),
+])
+def test_bad_extra_validation_says_what_to_change(source, extra, batches, message):
+    cfg = TrainConfig()
+    cfg.parallel.expert_model_parallel_size = 1
+    cfg.data.source, cfg.data.extra_validation, cfg.data.extra_validation_batches = source, extra, batches
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, world_size=1)
 
 
 @pytest.mark.parametrize("changes,field", [

@@ -4,6 +4,7 @@ summarised as one table row per method (printed, and as JSON with --json).
     python tools/bench_allocation.py --dry-run                       # print the grid's commands
     python tools/bench_allocation.py --jobs 2 --json runs/bench_allocation.json
     python tools/bench_allocation.py --methods top2,dither_b1.8 --seeds 1 --steps 200 --extra trainer.eval_iters=8
+    python tools/bench_allocation.py --extra-validation canterbury  # also val_loss on a corpus not trained on
 
 Each run is one process (launcher.train, experiment=shakespeare_cpu, expert-parallel size 1,
 OMP_NUM_THREADS=1) writing <out-dir>/<method>_s<seed>/metrics.jsonl, with its stdout/stderr
@@ -22,6 +23,9 @@ of every seed (the worst one decides; the rivals log no shuffle gap, so c stays 
                    beside it as a_val_worst_rel_budget_deviation
   b_allocation_ok  k_off_mode_frac >= 0.2 and |k_position_corr| < 0.2
   c_shuffle_hurts  shuffle gap mean > std of val_loss over seeds
+With --extra-validation NAME[,NAME] (data.extra_validation, or any run logging val_loss/<name>),
+each such loss at the last step gets the same mean ± std over seeds and paired difference
+against top2, in the JSON under "extra_validation" and in a second table.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ BASELINE = "top2"
 
 PER_LAYER_STATS = ("real_experts_per_token", "val_real_experts_per_token", "k_off_mode_frac", "k_position_corr",
                    "k_std", "importance_loss_spearman", "virtual_experts_per_token")
+# trainer.evaluate_extra's keys: val_loss/<corpus name>.
+EXTRA_VAL_LOSS_PREFIX = "val_loss/"
 BUDGET_TOLERANCE = 0.02
 MIN_K_OFF_MODE_FRAC = 0.2
 MAX_ABS_K_POSITION_CORR = 0.2
@@ -136,6 +142,8 @@ def extract_run(run_dir: Path, steps: int) -> dict:
     row = {
         "val_loss": records[final]["val_loss"],
         "val_loss_shuffled_allocation": records[final].get("val_loss_shuffled_allocation"),
+        "extra_val_loss": {key.removeprefix(EXTRA_VAL_LOSS_PREFIX): value for key, value in records[final].items()
+                           if key.startswith(EXTRA_VAL_LOSS_PREFIX)},
     }
     for name in PER_LAYER_STATS:
         row[name] = next((values for r in reversed(records[:final + 1]) if (values := _layer_values(r, name))), None)
@@ -210,15 +218,35 @@ def _mean_over_layers_and_runs(runs: list[dict], name: str) -> float | None:
     return statistics.fmean(means) if means else None
 
 
-def aggregate_method(method: str, runs: list[dict], baseline_by_seed: dict[int, float]) -> dict:
+def _versus_baseline(method: str, values_by_seed: dict[int, float], baseline_by_seed: dict[int, float]) -> dict:
+    """Per-seed paired differences against the baseline, their spread and reading."""
+    paired = ({} if method == BASELINE else
+              {seed: value - baseline_by_seed[seed] for seed, value in values_by_seed.items() if seed in baseline_by_seed})
+    diffs = list(paired.values())
+    return {"diffs_by_seed": paired, **spread(diffs), "reading": paired_reading(diffs)}
+
+
+def extra_validation_names(runs: list[dict]) -> list[str]:
+    return sorted({name for run in runs if run.get("status") == "ok" for name in run.get("extra_val_loss") or {}})
+
+
+def _extra_by_seed(runs: list[dict], name: str) -> dict[int, float]:
+    return {run["seed"]: run["extra_val_loss"][name] for run in runs
+            if run["status"] == "ok" and name in (run.get("extra_val_loss") or {})}
+
+
+def aggregate_method(method: str, runs: list[dict], baseline_by_seed: dict[int, float],
+                     baseline_extra_by_seed: dict[str, dict[int, float]] | None = None) -> dict:
     ok = [run for run in runs if run["status"] == "ok"]
     val_loss = spread([run["val_loss"] for run in ok])
     gaps = [run["val_loss_shuffled_allocation"] - run["val_loss"]
             for run in ok if run.get("val_loss_shuffled_allocation") is not None]
     shuffle_gap = spread(gaps)
-    paired = ({} if method == BASELINE else
-              {run["seed"]: run["val_loss"] - baseline_by_seed[run["seed"]] for run in ok if run["seed"] in baseline_by_seed})
-    diffs = list(paired.values())
+    extra = {}
+    for name, baseline in (baseline_extra_by_seed or {}).items():
+        values_by_seed = _extra_by_seed(ok, name)
+        extra[name] = {"val_loss": spread(list(values_by_seed.values())),
+                       "vs_top2": _versus_baseline(method, values_by_seed, baseline)}
     if allocates_per_token(method):
         checks = allocation_checks(ok, method_budget(method), val_loss["std"], shuffle_gap["mean"])
     else:
@@ -231,7 +259,8 @@ def aggregate_method(method: str, runs: list[dict], baseline_by_seed: dict[int, 
         "failed_seeds": [run["seed"] for run in runs if run["status"] != "ok"],
         "val_loss": val_loss,
         "shuffle_gap": shuffle_gap,
-        "vs_top2": {"diffs_by_seed": paired, **spread(diffs), "reading": paired_reading(diffs)},
+        "vs_top2": _versus_baseline(method, {run["seed"]: run["val_loss"] for run in ok}, baseline_by_seed),
+        "extra_validation": extra,
         "real_experts_per_token_train": _mean_over_layers_and_runs(ok, "real_experts_per_token"),
         "real_experts_per_token_val": _mean_over_layers_and_runs(ok, "val_real_experts_per_token"),
         "tokens_per_s": spread([run["tokens_per_s"] for run in ok if run["tokens_per_s"] is not None])["mean"],
@@ -240,9 +269,11 @@ def aggregate_method(method: str, runs: list[dict], baseline_by_seed: dict[int, 
 
 
 def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
-    baseline_by_seed = {run["seed"]: run["val_loss"] for run in runs
-                        if run["method"] == BASELINE and run["status"] == "ok"}
-    return [aggregate_method(m, [run for run in runs if run["method"] == m], baseline_by_seed) for m in methods]
+    baseline_runs = [run for run in runs if run["method"] == BASELINE]
+    baseline_by_seed = {run["seed"]: run["val_loss"] for run in baseline_runs if run["status"] == "ok"}
+    baseline_extra_by_seed = {name: _extra_by_seed(baseline_runs, name) for name in extra_validation_names(runs)}
+    return [aggregate_method(m, [run for run in runs if run["method"] == m], baseline_by_seed, baseline_extra_by_seed)
+            for m in methods]
 
 
 # --- running the grid --------------------------------------------------------------------
@@ -357,6 +388,21 @@ def print_table(rows: list[dict]) -> None:
           f"layer; a val: worst validation deviation; b: every layer "
           f"k_off_mode_frac >= {MIN_K_OFF_MODE_FRAC} and |k_position_corr| < {MAX_ABS_K_POSITION_CORR}; "
           f"c: shuffle gap > val_loss std.")
+    print_extra_validation_table(rows)
+
+
+def print_extra_validation_table(rows: list[dict]) -> None:
+    """One block per extra validation corpus: its loss at the last step, as for val_loss."""
+    for name in sorted({name for row in rows for name in row.get("extra_validation", {})}):
+        print(f"\n{EXTRA_VAL_LOSS_PREFIX}{name} (a corpus no run trained on):")
+        print(f"{'method':<22} {'n':>2} {'mean ± std':>19} {'[min, max]':>17} {'vs top2 (paired)':>17} {'reading':<13}")
+        for row in rows:
+            extra = row["extra_validation"].get(name)
+            if extra is None:
+                continue
+            val, vs = extra["val_loss"], extra["vs_top2"]
+            print(f"{row['method']:<22} {val['n']:>2} {_pm(val):>19} [{_fmt(val['min'], '7.4f')}, "
+                  f"{_fmt(val['max'], '7.4f')}] {_pm(vs, '+7.4f'):>17} {vs['reading'] or '-':<13}")
 
 
 def main(argv=None) -> int:
@@ -369,8 +415,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench_allocation"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--extra", action="append", default=[], help="override added to every run (repeatable)")
+    parser.add_argument("--extra-validation", default="",
+                        help="comma list of bundled corpora (canterbury, shakespeare) every run is also evaluated on "
+                             "(data.extra_validation)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
+    extra_validation = [name.strip() for name in args.extra_validation.split(",") if name.strip()]
+    if extra_validation:
+        args.extra = [f"data.extra_validation=[{','.join(extra_validation)}]", *args.extra]
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

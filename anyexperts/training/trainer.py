@@ -3,7 +3,8 @@
 Called by `python -m launcher.train` once torch.distributed is up on every rank
 (see launcher/bootstrap.py). One global batch per step: gradient accumulation over
 micro-batches, one gradient all-reduce (megatron DDP), clipping, an optimizer step and a
-scheduler step; validation loss every `trainer.eval_interval` steps.
+scheduler step; validation loss every `trainer.eval_interval` steps, and with
+`data.extra_validation` the loss on each of those corpora too (`val_loss/<name>`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,32 @@ def build_datasets(cfg: TrainConfig, prefix: str, tokenizer):
         prefix, tokenizer, seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tr.seed,
         num_samples=num_samples)
     return train_ds, valid_ds
+
+
+# Shuffles the samples of every extra validation corpus the same way in every run, whatever
+# trainer.seed, so that runs of a grid are compared on the same tokens.
+EXTRA_VALIDATION_SEED = 0
+
+
+def build_extra_validation(cfg: TrainConfig, tokenizer) -> dict[str, object]:
+    """{name: dataset} for data.extra_validation: every document of each corpus (none is
+    trained on), tokenized with the run's tokenizer; rank 0 prepares first."""
+    from anyexperts.data.datasets import build_gpt_datasets
+    from anyexperts.data.prepare import ensure_bundled_prepared
+
+    datasets = {}
+    for name in cfg.data.extra_validation:
+        prefix = None
+        if dist.get_rank() == 0:
+            prefix = ensure_bundled_prepared(name, tokenizer, cfg.data.cache_dir, show_progress=True)
+        dist.barrier()
+        if dist.get_rank() != 0:
+            prefix = ensure_bundled_prepared(name, tokenizer, cfg.data.cache_dir, show_progress=False)
+        num_samples = cfg.data.extra_validation_batches * cfg.trainer.global_batch_size
+        datasets[name], _, _ = build_gpt_datasets(
+            prefix, tokenizer, seq_length=cfg.model.seq_length, split="1,0,0", seed=EXTRA_VALIDATION_SEED,
+            num_samples=(num_samples, 0, 0))
+    return datasets
 
 
 def _per_token_loss(model, batch: dict) -> torch.Tensor:
@@ -194,6 +221,29 @@ def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, ev
     return result
 
 
+@torch.no_grad()
+def evaluate_extra(model, datasets: dict, cfg: TrainConfig, layout: BatchLayout, dp_group) -> dict[str, float]:
+    """{'val_loss/<name>': mean loss} over the same data.extra_validation_batches global
+    batches of each extra corpus at every call."""
+    model.eval()
+    scalars = {}
+    try:
+        # A separate, disabled sink: these forwards stay out of the training and validation statistics.
+        with stats.separate_sink(enabled=False):
+            for name, dataset in datasets.items():
+                loss_sum = torch.zeros((), device=_device())
+                num_tokens = torch.zeros((), device=_device())
+                for it in range(cfg.data.extra_validation_batches):
+                    for batch in micro_batches(dataset, layout, it * cfg.trainer.global_batch_size, device=_device()):
+                        s, n = _forward_loss(model, batch)
+                        loss_sum += s
+                        num_tokens += n
+                scalars[f"val_loss/{name}"] = _global_mean(loss_sum, num_tokens, dp_group)
+    finally:
+        model.train()
+    return scalars
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -216,6 +266,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
 
     prefix, tokenizer = prepare_data(cfg, logger)
     train_ds, valid_ds = build_datasets(cfg, prefix, tokenizer)
+    extra_validation = build_extra_validation(cfg, tokenizer)
 
     model = build_model(cfg, tokenizer.vocab_size)
     if cfg.moe.kind == "topk":
@@ -249,7 +300,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                                   eval_index=state.step // cfg.trainer.eval_interval)
             val_loss = evaluation.val_loss
             result.val_losses[state.step] = val_loss
-            logger.log(state.step, {"val_loss": val_loss, "eval_only": True, **evaluation.scalars})
+            extra_scalars = evaluate_extra(ddp_model, extra_validation, cfg, layout, dp_group)
+            logger.log(state.step, {"val_loss": val_loss, "eval_only": True, **extra_scalars, **evaluation.scalars})
             logger.info(f"eval_only: step {state.step} val_loss {val_loss:.6f}")
         finally:
             logger.close()
@@ -298,7 +350,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                     trace_path = run_dir / "routing_traces" / f"step_{state.step:07d}_rank{dist.get_rank()}.npz"
                 evaluation = evaluate(ddp_model, valid_ds, cfg, layout, dp_group,
                                       eval_index=state.step // cfg.trainer.eval_interval, trace_path=trace_path)
-                val_loss, val_scalars = evaluation.val_loss, evaluation.scalars
+                val_loss = evaluation.val_loss
+                val_scalars = {**evaluate_extra(ddp_model, extra_validation, cfg, layout, dp_group),
+                               **evaluation.scalars}
                 result.val_losses[state.step] = val_loss
 
             if state.step % cfg.logging.log_interval == 0 or val_loss is not None or state.step == 1:
