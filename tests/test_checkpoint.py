@@ -4,7 +4,7 @@ Fast tests work on fake checkpoint directories (no torch.distributed). One spawn
 2-process job (EP=2, gloo, about 30 s on 2 busy cores) saves a real megatron
 dist_checkpointing checkpoint and checks in it: model, Adam moments and step, scheduler,
 step/consumed_samples and RNG come back exactly; a truncated shard, a missing shard, a
-truncated shard whose manifest was rewritten to match, a model config with another shape
+truncated shard whose manifest (size and checksum) was rewritten to match, a model config with another shape
 and a vocabulary of another size each fail on every rank with the checkpoint path in the
 message; one rank's real SIGTERM stops every rank.
 
@@ -23,17 +23,18 @@ import pytest
 
 from anyexperts.config import TrainConfig, validate
 from anyexperts.training import checkpoint as ckpt
+from anyexperts.training import checkpoint_files as files
 from anyexperts.training.signals import StopSignal
 
 
 def _fake_checkpoint(root: Path, step: int, *, complete: bool = True, payload: bytes = b"x" * 100) -> Path:
-    name = ckpt.step_dir_name(step) + ("" if complete else ckpt.TMP_SUFFIX)
+    name = files.step_dir_name(step) + ("" if complete else files.TMP_SUFFIX)
     path = root / name
     path.mkdir(parents=True)
     (path / "__0_0.distcp").write_bytes(payload)
     (path / "common.pt").write_bytes(b"common")
     if complete:
-        ckpt.write_manifest(path, {"step": step})
+        files.write_manifest(path, {"step": step})
     return path
 
 
@@ -41,63 +42,63 @@ def test_latest_marker_wins_and_partial_saves_are_never_latest(tmp_path):
     _fake_checkpoint(tmp_path, 2)
     four = _fake_checkpoint(tmp_path, 4)
     _fake_checkpoint(tmp_path, 6, complete=False)  # a save cut short: step_0000006.tmp
-    (tmp_path / ckpt.LATEST_MARKER).write_text(four.name + "\n")
-    assert ckpt.find_latest(tmp_path) == four
+    (tmp_path / files.LATEST_MARKER).write_text(four.name + "\n")
+    assert files.find_latest(tmp_path) == four
     # A step_* directory without manifest (renamed by hand, or an old crash) is not complete either.
-    unfinished = tmp_path / ckpt.step_dir_name(8)
+    unfinished = tmp_path / files.step_dir_name(8)
     unfinished.mkdir()
-    assert ckpt.find_latest(tmp_path) == four
-    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]
+    assert files.find_latest(tmp_path) == four
+    assert [p.name for p in files.complete_checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]
 
 
 def test_without_marker_the_highest_complete_step_is_latest(tmp_path):
     _fake_checkpoint(tmp_path, 12)
     _fake_checkpoint(tmp_path, 9)
     _fake_checkpoint(tmp_path, 15, complete=False)
-    assert ckpt.find_latest(tmp_path).name == "step_0000012"
+    assert files.find_latest(tmp_path).name == "step_0000012"
     # A marker naming a deleted checkpoint falls back to the same rule.
-    (tmp_path / ckpt.LATEST_MARKER).write_text("step_0000099\n")
-    assert ckpt.find_latest(tmp_path).name == "step_0000012"
+    (tmp_path / files.LATEST_MARKER).write_text("step_0000099\n")
+    assert files.find_latest(tmp_path).name == "step_0000012"
 
 
 def test_resolve_resume_modes(tmp_path):
-    assert ckpt.resolve_resume("auto", tmp_path / "none-yet") is None
-    assert ckpt.resolve_resume("none", tmp_path) is None
+    assert files.resolve_resume("auto", tmp_path / "none-yet") is None
+    assert files.resolve_resume("none", tmp_path) is None
     three = _fake_checkpoint(tmp_path, 3)
     five = _fake_checkpoint(tmp_path, 5)
-    assert ckpt.resolve_resume("auto", tmp_path) == five
-    assert ckpt.resolve_resume(str(three), tmp_path / "elsewhere") == three
-    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == five  # a checkpoints dir: its latest
+    assert files.resolve_resume("auto", tmp_path) == five
+    assert files.resolve_resume(str(three), tmp_path / "elsewhere") == three
+    assert files.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == five  # a checkpoints dir: its latest
     # The run's own checkpoints win over the path it started from (a requeued job goes on).
-    assert ckpt.resolve_resume(str(three), tmp_path) == five
+    assert files.resolve_resume(str(three), tmp_path) == five
     partial = _fake_checkpoint(tmp_path, 7, complete=False)
     with pytest.raises(RuntimeError, match="unfinished checkpoint"):
-        ckpt.resolve_resume(str(partial), tmp_path / "elsewhere")
+        files.resolve_resume(str(partial), tmp_path / "elsewhere")
     with pytest.raises(RuntimeError, match="is not a checkpoint"):
-        ckpt.resolve_resume(str(tmp_path / "missing"), tmp_path / "elsewhere")
+        files.resolve_resume(str(tmp_path / "missing"), tmp_path / "elsewhere")
 
 
 def test_prune_keeps_the_newest_and_removes_stale_tmp(tmp_path):
     for step in (1, 2, 3, 4):
         _fake_checkpoint(tmp_path, step)
     _fake_checkpoint(tmp_path, 5, complete=False)
-    ckpt.prune(tmp_path, keep_last=2, keep=tmp_path / "step_0000004")
+    files.prune(tmp_path, keep_last=2, keep=tmp_path / "step_0000004")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000003", "step_0000004"]
-    ckpt.prune(tmp_path, keep_last=0, keep=tmp_path / "step_0000004")  # 0 keeps all
+    files.prune(tmp_path, keep_last=0, keep=tmp_path / "step_0000004")  # 0 keeps all
     assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_verify_files_reports_truncated_and_missing_files(tmp_path):
     path = _fake_checkpoint(tmp_path, 1)
-    assert ckpt.verify_files(path) == []
+    assert files.verify_files(path) == []
     with open(path / "__0_0.distcp", "r+b") as f:
         f.truncate(10)
     (path / "common.pt").unlink()
-    problems = ckpt.verify_files(path)
+    problems = files.verify_files(path)
     assert any("__0_0.distcp has 10 bytes, 100 were written" in p for p in problems), problems
     assert any("common.pt is missing" in p for p in problems), problems
-    (path / ckpt.MANIFEST).unlink()
-    assert "did not finish" in ckpt.verify_files(path)[0]
+    (path / files.MANIFEST).unlink()
+    assert "did not finish" in files.verify_files(path)[0]
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -251,9 +252,9 @@ def _round_trip_and_damage(rank, world_size, root):
             with open(cases[name] / shard, "r+b") as f:
                 f.truncate((good / shard).stat().st_size // 2)
         (cases["missing"] / shard).unlink()
-        manifest = json.loads((cases["forged_manifest"] / ckpt.MANIFEST).read_text())
-        manifest["files"][shard] = (cases["forged_manifest"] / shard).stat().st_size
-        (cases["forged_manifest"] / ckpt.MANIFEST).write_text(json.dumps(manifest))
+        manifest = json.loads((cases["forged_manifest"] / files.MANIFEST).read_text())
+        manifest["files"][shard] = files.file_entries(cases["forged_manifest"], [shard])[shard]
+        (cases["forged_manifest"] / files.MANIFEST).write_text(json.dumps(manifest))
         results["shard"] = shard
     dist.barrier()
     shard = [results.get("shard")]
@@ -267,7 +268,7 @@ def _round_trip_and_damage(rank, world_size, root):
                                            str(cases["truncated"]), shard[0], "truncated")
     results["missing"] = _expect_failure(lambda: load_into_fresh(cases["missing"], cfg),
                                          str(cases["missing"]), f"{shard[0]} is missing")
-    # The manifest agrees with the truncated file: megatron's reader must still refuse it.
+    # The manifest's size and checksum agree with the truncated file: megatron's reader must still refuse it.
     results["forged_manifest"] = _expect_failure(lambda: load_into_fresh(cases["forged_manifest"], cfg),
                                                  str(cases["forged_manifest"]), "could not be read")
     results["wrong_shape"] = _expect_failure(lambda: load_into_fresh(good, _tiny_cfg(hidden_size=32)),
@@ -304,6 +305,6 @@ def test_save_load_round_trip_damage_and_stop_agreement(tmp_path):
             assert res[case] == "ok", f"rank {rank}, {case}: {res[case]}"
         assert res["agreed"] == signal.SIGTERM
     checkpoint_dir = Path(results[0]["path"])
-    assert (tmp_path / "checkpoints" / ckpt.LATEST_MARKER).read_text().strip() == checkpoint_dir.name
-    assert results[0]["num_bytes"] == ckpt.directory_size(checkpoint_dir)
+    assert (tmp_path / "checkpoints" / files.LATEST_MARKER).read_text().strip() == checkpoint_dir.name
+    assert results[0]["num_bytes"] == files.directory_size(checkpoint_dir)
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))

@@ -212,3 +212,15 @@ def test_plot_routing_prints_the_token_class_table_only_with_tokens(tmp_path, ca
     assert plot_routing.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "token class" not in out and len(out.splitlines()) == 2  # header and the one layer
+
+
+def test_bench_checkpoint_hashes_a_synthetic_checkpoint_and_prints_its_row(tmp_path, capsys):
+    import bench_checkpoint
+
+    assert bench_checkpoint.main(["--synthetic-mib", "8", "--work-dir", str(tmp_path),
+                                  "--json", str(tmp_path / "bench.json")]) == 0
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["hashing"]
+    assert row["mib"] == 8.0 and row["files"] == 8 and row["ranks"] == 2
+    assert row["save_checksum_s"] > 0 and row["load_verify_s"] > 0 and row["one_rank_mib_per_s"] > 0
+    assert "synthetic 8 MiB" in capsys.readouterr().out
+    assert not (tmp_path / "synthetic").exists()

@@ -3,7 +3,8 @@
 Only the logging rank (global rank 0) writes. `metrics.jsonl` in the run directory holds
 one JSON object per logged step with at least step, loss, lr, grad_norm, tokens_per_s,
 plus val_loss on validation steps and the per-layer MoE statistics as
-`moe/<name>/layer<i>` keys. TensorBoard gets the same scalars (and histograms for the
+`moe/<name>/layer<i>` keys. Events (a checkpoint rejected at resume, a failed save) are
+records with an `event` key, the step, and no loss. TensorBoard gets the same scalars (and histograms for the
 1-D per-layer statistics such as tokens_per_expert and k_histogram).
 """
 
@@ -77,6 +78,11 @@ class MetricsLogger:
                     index = torch.arange(vec.numel(), dtype=torch.float32)
                     self._writer.add_histogram(key, index.repeat_interleave(vec.clamp(min=0).round().long())
                                                if vec.sum() > 0 else index, step)
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        """One event record in metrics.jsonl: {"event": kind, **fields}."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"event": kind, **{k: _jsonable(v) for k, v in fields.items()}}) + "\n")
 
     def progress(self, step: int, scalars: dict[str, Any]) -> None:
         """One console line on the logging rank: step, loss, lr, grad norm, tokens/s, ETA."""

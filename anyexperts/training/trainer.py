@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / layout.num_micro_batches, device=device))
 
     # --- checkpoint / preemption (issue 5): resume after the optimizer and scheduler exist ---
-    checkpointer = Checkpointer(cfg, run_dir, log_fn=logger.info)
+    checkpointer = Checkpointer(cfg, run_dir, log_fn=logger.info, event_fn=logger.event)
     resumed_from = checkpointer.resume(model, optimizer, scheduler, state)
     result.resumed_from = str(resumed_from) if resumed_from else None
     if cfg.trainer.eval_only:
