@@ -64,8 +64,9 @@ class AnyExpertsConfig:
     budget_on_virtual: bool = True
     # Integral budget controller: after each optimizer step the importance logit offset moves by
     # -rate * (measured real slots per token - budget_target), against the steady-state error the
-    # budget loss leaves when the language-model gradient pulls w the other way; at 0.05 it only
-    # halved that error on Shakespeare (docs/RESULTS.md). 0 = off.
+    # budget loss leaves when the language-model gradient pulls w the other way. It holds every
+    # layer only together with importance_logit_std (moe=anyexperts: 0.5 and 2.0; docs/METHOD.md).
+    # 0 = off.
     budget_bias_rate: float = 0.0
     z_loss_coeff: float = 1e-3
     # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias, updated by this rate.
