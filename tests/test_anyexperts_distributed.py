@@ -88,6 +88,52 @@ def _reference_name_and_slice(name: str, num_local: int, ep_rank: int):
     return name, None
 
 
+def build_layer_pair(layer_config, rank: int, world_size: int, reference_pgs, *, expert_module=None,
+                     num_experts: int = NUM_EXPERTS, hidden: int = HIDDEN):
+    """(one-process reference with every expert, this rank's expert-parallel layer) with the same
+    weights: the reference's scaled up (a less uniform routing), the EP layer's copied from it."""
+    torch.manual_seed(11)
+    reference = build_layer(transformer_config(num_moe_experts=num_experts, hidden_size=hidden), layer_config,
+                            expert_module=expert_module, pg_collection=reference_pgs)
+    ep_layer = build_layer(transformer_config(num_moe_experts=num_experts, hidden_size=hidden,
+                                              expert_model_parallel_size=world_size), layer_config,
+                           expert_module=expert_module)
+    num_local = num_experts // world_size
+    ref_params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(8.0)
+        for name, param in ep_layer.named_parameters():
+            ref_name, rows = _reference_name_and_slice(name, num_local, rank)
+            param.copy_(ref_params[ref_name] if rows is None else ref_params[ref_name][rows])
+    return reference, ep_layer
+
+
+def global_batch(rank: int, world_size: int, *, tokens_per_rank: int, hidden: int):
+    """(hidden states [N, 1, H], loss weights [N, 1, H], this rank's chunk) of a fixed global batch, float64."""
+    gen = torch.Generator().manual_seed(5)
+    hidden_all = torch.randn(world_size * tokens_per_rank, 1, hidden, generator=gen, dtype=torch.float64)
+    weight_all = torch.randn(world_size * tokens_per_rank, 1, hidden, generator=gen, dtype=torch.float64)
+    return hidden_all, weight_all, slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
+
+
+def gradient_diffs(ep_layer, ref_params: dict, num_local: int, rank: int, world_size: int) -> dict[str, float]:
+    """Relative difference of every EP parameter gradient to the reference's, as megatron DDP would
+    see it: replicated gradients averaged over the ranks, expert ones scaled by 1 / data-parallel size."""
+    import torch.distributed as dist
+
+    diffs = {}
+    for name, param in ep_layer.named_parameters():
+        ref_name, rows = _reference_name_and_slice(name, num_local, rank)
+        ref_grad = ref_params[ref_name].grad
+        ref_grad = ref_grad if rows is None else ref_grad[rows]
+        grad = param.grad.clone()
+        if getattr(param, "allreduce", True):
+            dist.all_reduce(grad)
+        diffs[f"grad:{name}"] = rel_diff(grad / world_size, ref_grad)
+    return diffs
+
+
 def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
     import torch.distributed as dist
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -97,20 +143,10 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
 
     ae = _ae_config(case)
     expert_module = SequentialMLP if case == "micro" else None
-    torch.manual_seed(11)
-    reference = build_layer(transformer_config(num_moe_experts=NUM_EXPERTS, hidden_size=HIDDEN), ae,
-                            expert_module=expert_module, pg_collection=reference_pgs)
-    ep_layer = build_layer(transformer_config(num_moe_experts=NUM_EXPERTS, hidden_size=HIDDEN,
-                                              expert_model_parallel_size=world_size), ae,
-                           expert_module=expert_module)
+    reference, ep_layer = build_layer_pair(ae, rank, world_size, reference_pgs, expert_module=expert_module)
     num_local = NUM_EXPERTS // world_size
     ref_params = dict(reference.named_parameters())
     with torch.no_grad():
-        for p in reference.parameters():  # larger weights than the init: a less uniform routing
-            p.mul_(8.0)
-        for name, param in ep_layer.named_parameters():
-            ref_name, rows = _reference_name_and_slice(name, num_local, rank)
-            param.copy_(ref_params[ref_name] if rows is None else ref_params[ref_name][rows])
         if ae.bias_update_rate > 0:
             bias = torch.linspace(-0.5, 0.5, NUM_EXPERTS, dtype=torch.float32)
             reference.router.selection_bias.copy_(bias)
@@ -119,10 +155,7 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
             layer.importance.logit_mean.fill_(0.3)
             layer.importance.logit_scale.fill_(0.7)
 
-    gen = torch.Generator().manual_seed(5)
-    hidden_all = torch.randn(world_size * TOKENS_PER_RANK, 1, HIDDEN, generator=gen, dtype=torch.float64)
-    weight_all = torch.randn(world_size * TOKENS_PER_RANK, 1, HIDDEN, generator=gen, dtype=torch.float64)
-    chunk = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
+    hidden_all, weight_all, chunk = global_batch(rank, world_size, tokens_per_rank=TOKENS_PER_RANK, hidden=HIDDEN)
 
     # Reference: one pass (global scope) or N micro-batches (micro scope).
     stats.reset()
@@ -159,20 +192,8 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
 
     diffs = {"output": rel_diff(out_ep.detach(), out_ref.detach()[chunk]),
              "input_grad": rel_diff(x_ep.grad / world_size, x_ref.grad[chunk])}
-    flags = {}
-    for name, param in ep_layer.named_parameters():
-        ref_name, rows = _reference_name_and_slice(name, num_local, rank)
-        ref_grad = ref_params[ref_name].grad
-        ref_grad = ref_grad if rows is None else ref_grad[rows]
-        is_expert = not getattr(param, "allreduce", True)
-        flags[name] = is_expert
-        grad = param.grad.clone()
-        if is_expert:
-            grad /= world_size
-        else:
-            dist.all_reduce(grad)
-            grad /= world_size
-        diffs[f"grad:{name}"] = rel_diff(grad, ref_grad)
+    diffs.update(gradient_diffs(ep_layer, ref_params, num_local, rank, world_size))
+    flags = {name: not getattr(param, "allreduce", True) for name, param in ep_layer.named_parameters()}
     for name in ("load_balance_loss", "budget_loss", "z_loss", "real_experts_per_token",
                  "virtual_experts_per_token", "importance_mean", "k_histogram", "dropped_slots"):
         diffs[f"stat:{name}"] = rel_diff(ep_stats[name][1], ref_stats[name][1])

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.test_anyexperts_distributed import _reference_name_and_slice, _singleton_pg_collection
-from tests.test_anyexperts_layer import build_layer, rel_diff, transformer_config
+from tests.test_anyexperts_distributed import _singleton_pg_collection, build_layer_pair, global_batch, gradient_diffs
+from tests.test_anyexperts_layer import rel_diff
 
 pytestmark = pytest.mark.slow
 
@@ -50,25 +50,11 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
 
     routing_config = _routing_config(case)
     expert_module = SequentialMLP if case == "remoe" else None
-    torch.manual_seed(11)
-    reference = build_layer(transformer_config(num_moe_experts=NUM_EXPERTS, hidden_size=HIDDEN), routing_config,
-                            expert_module=expert_module, pg_collection=reference_pgs)
-    ep_layer = build_layer(transformer_config(num_moe_experts=NUM_EXPERTS, hidden_size=HIDDEN,
-                                              expert_model_parallel_size=world_size), routing_config,
-                           expert_module=expert_module)
+    reference, ep_layer = build_layer_pair(routing_config, rank, world_size, reference_pgs, expert_module=expert_module,
+                                           num_experts=NUM_EXPERTS, hidden=HIDDEN)
     num_local = NUM_EXPERTS // world_size
     ref_params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for p in reference.parameters():  # larger weights than the init: a less uniform routing
-            p.mul_(8.0)
-        for name, param in ep_layer.named_parameters():
-            ref_name, rows = _reference_name_and_slice(name, num_local, rank)
-            param.copy_(ref_params[ref_name] if rows is None else ref_params[ref_name][rows])
-
-    gen = torch.Generator().manual_seed(5)
-    hidden_all = torch.randn(world_size * TOKENS_PER_RANK, 1, HIDDEN, generator=gen, dtype=torch.float64)
-    weight_all = torch.randn(world_size * TOKENS_PER_RANK, 1, HIDDEN, generator=gen, dtype=torch.float64)
-    chunk = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
+    hidden_all, weight_all, chunk = global_batch(rank, world_size, tokens_per_rank=TOKENS_PER_RANK, hidden=HIDDEN)
 
     stats.reset()
     reference.train()
@@ -97,14 +83,7 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
 
     diffs = {"output": rel_diff(out_ep.detach(), out_ref.detach()[chunk]),
              "input_grad": rel_diff(x_ep.grad / world_size, x_ref.grad[chunk])}
-    for name, param in ep_layer.named_parameters():
-        ref_name, rows = _reference_name_and_slice(name, num_local, rank)
-        ref_grad = ref_params[ref_name].grad
-        ref_grad = ref_grad if rows is None else ref_grad[rows]
-        grad = param.grad.clone()
-        if getattr(param, "allreduce", True):
-            dist.all_reduce(grad)
-        diffs[f"grad:{name}"] = rel_diff(grad / world_size, ref_grad)
+    diffs.update(gradient_diffs(ep_layer, ref_params, num_local, rank, world_size))
     for name in ("real_experts_per_token", "k_histogram", "dropped_slots", *STATS[case]):
         diffs[f"stat:{name}"] = rel_diff(ep_stats[name][1], ref_stats[name][1])
     diffs["controller"] = rel_diff(ep_layer.router.controller.value, reference.router.controller.value)

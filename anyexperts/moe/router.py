@@ -169,6 +169,15 @@ def compute_gates(logits_TX: torch.Tensor, entry_TK: torch.Tensor, *, num_expert
     return weight_TK / torch.where(on_top_TK, norm_T1 + weight_TK, norm_T1)
 
 
+def router_logits(router: Router, hidden_TH: torch.Tensor) -> torch.Tensor:
+    """router.gating over the rows of hidden_TH ([T, H] or [S, B, H]), [T, rows of the weight]."""
+    hidden_TH = hidden_TH.reshape(-1, hidden_TH.shape[-1])
+    if hidden_TH.shape[0] == 0:
+        # megatron's router_gating_linear cannot view an empty output; no tokens, no logits.
+        return hidden_TH.new_zeros((0, router.weight.shape[0])) + router.weight.sum() * 0
+    return router.gating(hidden_TH)
+
+
 def virtual_straight_through_mass(logits_TX: torch.Tensor, entry_TK: torch.Tensor, num_slots_T: torch.Tensor,
                                   max_virtual_T: torch.Tensor, last_slot_mass_T: Optional[torch.Tensor], *,
                                   num_experts: int) -> torch.Tensor:
@@ -271,13 +280,7 @@ class AnyExpertsRouter(Router):
 
     def forward(self, hidden_TH: torch.Tensor, importance_T: torch.Tensor,
                 position_T: Optional[torch.Tensor] = None) -> Routing:
-        hidden_TH = hidden_TH.reshape(-1, hidden_TH.shape[-1])
-        if hidden_TH.shape[0] == 0:
-            # megatron's router_gating_linear cannot view an empty output; no tokens, no logits.
-            logits_TX = hidden_TH.new_zeros((0, self.weight.shape[0])) + self.weight.sum() * 0
-        else:
-            logits_TX = self.gating(hidden_TH)
-        routing = self.route(logits_TX, importance_T, position_T)
+        routing = self.route(router_logits(self, hidden_TH), importance_T, position_T)
         if self.bias_balancing and self.training and torch.is_grad_enabled():
             self.count_for_bias_update(routing.real_expert_TK)
         return routing

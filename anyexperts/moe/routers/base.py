@@ -14,6 +14,7 @@ then builds no importance predictor. `slot_range` is the range of `Routing.num_s
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from anyexperts.moe.router import Routing
+from anyexperts.moe.router import Routing, router_logits
 
 
 def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,18 +42,25 @@ class SlotRouter(Router):
 
     uses_importance = False
 
-    def __init__(self, config: TransformerConfig, pg_collection=None, *, max_experts: Optional[int] = None) -> None:
+    def __init__(self, config: TransformerConfig, pg_collection=None, *, routing_config,
+                 anyexperts_config=None) -> None:
+        """routing_config: the method's settings (validated here, with max_experts); anyexperts_config:
+        the layer's shared settings (losses, capacity), which the layer reads, not the router."""
+        routing_config.validate(num_experts=config.num_moe_experts)
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, pg_collection=pg_collection)
+        self.routing_config = routing_config
+        max_experts = routing_config.max_experts
         self.max_experts = self.num_experts if max_experts is None else max_experts
 
     @property
     def slot_range(self) -> tuple[int, int]:
         return 0, self.max_experts
 
+    @abstractmethod
     def route(self, logits_TE: torch.Tensor) -> Routing:
-        raise NotImplementedError
+        """The method's Routing for router logits [T, E]."""
 
     def routing(self, logits: torch.Tensor):  # megatron's abstract hook; route() returns a Routing
         raise NotImplementedError(f"{type(self).__name__} routes with route(logits_TE)")
@@ -60,13 +68,7 @@ class SlotRouter(Router):
     def forward(self, hidden_TH: torch.Tensor, importance_T: Optional[torch.Tensor] = None,
                 position_T: Optional[torch.Tensor] = None) -> Routing:
         """importance_T and position_T are accepted for the layer's call and unused."""
-        hidden_TH = hidden_TH.reshape(-1, hidden_TH.shape[-1])
-        if hidden_TH.shape[0] == 0:
-            # megatron's router_gating_linear cannot view an empty output; no tokens, no logits.
-            logits_TE = hidden_TH.new_zeros((0, self.num_experts)) + self.weight.sum() * 0
-        else:
-            logits_TE = self.gating(hidden_TH)
-        routing = self.route(logits_TE)
+        routing = self.route(router_logits(self, hidden_TH))
         controller = getattr(self, "controller", None)
         if controller is not None and self.training and torch.is_grad_enabled():
             controller.count(routing.num_real_T)

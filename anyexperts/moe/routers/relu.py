@@ -57,10 +57,7 @@ def l1_penalty(gates_TE: torch.Tensor, entry_TK: torch.Tensor, *, balance: bool)
 class ReLURouter(SlotRouter):
     def __init__(self, config: TransformerConfig, pg_collection=None, *, routing_config: ReMoEConfig,
                  anyexperts_config: Optional[AnyExpertsConfig] = None) -> None:
-        """anyexperts_config: the layer's shared settings (losses, capacity); unused here."""
-        routing_config.validate(num_experts=config.num_moe_experts)
-        super().__init__(config, pg_collection, max_experts=routing_config.max_experts)
-        self.routing_config = routing_config
+        super().__init__(config, pg_collection, routing_config=routing_config)
         self.controller = RealExpertsController(initial=routing_config.l1_coeff,
                                                 target=routing_config.target_real_experts,
                                                 rule="multiplicative", rate=routing_config.l1_coeff_factor,

@@ -54,10 +54,7 @@ def router_entropy(probs_TE: torch.Tensor, log_probs_TE: torch.Tensor) -> torch.
 class TopPRouter(SlotRouter):
     def __init__(self, config: TransformerConfig, pg_collection=None, *, routing_config: TopPConfig,
                  anyexperts_config: Optional[AnyExpertsConfig] = None) -> None:
-        """anyexperts_config: the layer's shared settings (losses, capacity); unused here."""
-        routing_config.validate(num_experts=config.num_moe_experts)
-        super().__init__(config, pg_collection, max_experts=routing_config.max_experts)
-        self.routing_config = routing_config
+        super().__init__(config, pg_collection, routing_config=routing_config)
         self.controller = RealExpertsController(initial=routing_config.top_p,
                                                 target=routing_config.target_real_experts, rule="additive",
                                                 rate=routing_config.p_update_rate, min_value=MIN_TOP_P,
