@@ -60,7 +60,7 @@ def _ae_config(case: str):
     return AnyExpertsConfig(k_min=2, k_max=4, k_rounding="straight_through", num_virtual_experts=1, rho_max=0.34,
                             virtual_kind="copy",
                             gate_norm="all", alpha=0.2, load_balance_coeff=0.1, budget_coeff=0.5, budget_target=2.95,
-                            budget_bias_rate=0.3, importance_logit_std=2.0,
+                            budget_bias_rate=0.3, importance_logit_std=2.0, virtual_target=0.4, virtual_bias_rate=0.5,
                             z_loss_coeff=0.01, capacity_factor=1.0)
 
 
@@ -154,6 +154,8 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
         for layer in (reference, ep_layer):  # statistics from an earlier step: not the identity
             layer.importance.logit_mean.fill_(0.3)
             layer.importance.logit_scale.fill_(0.7)
+            if layer.router.controls_virtual:
+                layer.router.virtual_bias.fill_(0.2)
 
     hidden_all, weight_all, chunk = global_batch(rank, world_size, tokens_per_rank=TOKENS_PER_RANK, hidden=HIDDEN)
 
@@ -207,6 +209,9 @@ def _run_case(case: str, rank: int, world_size: int, reference_pgs) -> dict:
     # The budget's integral controller moved (a non-zero offset) and moved the same way.
     assert float(reference.importance.logit_offset.abs()) > 0
     diffs["budget_offset"] = rel_diff(ep_layer.importance.logit_offset, reference.importance.logit_offset)
+    if ae.virtual_target is not None:  # the virtual count is over every rank's tokens
+        assert float(reference.router.virtual_bias) != 0.2
+        diffs["virtual_bias"] = rel_diff(ep_layer.router.virtual_bias, reference.router.virtual_bias)
     if ae.importance_logit_std is not None:  # the logit statistics are over every rank's tokens
         assert float(reference.importance.logit_scale) != 1.0
         for name in ("logit_mean", "logit_scale"):

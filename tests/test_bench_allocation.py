@@ -55,8 +55,19 @@ def test_methods_have_their_budgets_and_overrides():
     assert "moe.anyexperts.k_rounding=straight_through" in bench.METHODS["straight_through_b2.0"]
     assert "moe.anyexperts.k_max=4" in bench.METHODS["dither_b2.0"]
     assert "moe.anyexperts.k_max=3" in bench.METHODS["fractional_b1.8"]
-    assert len(bench.METHODS) == 10
     assert bench.is_anyexperts("dither_b1.8") and not bench.is_anyexperts("top2")
+
+
+@pytest.mark.parametrize("method", sorted(bench.METHODS))
+def test_every_method_composes_into_a_valid_config(method):
+    from anyexperts.config import to_dataclass, validate
+    from tests.test_config import compose_cfg
+
+    cfg = to_dataclass(compose_cfg("experiment=shakespeare_cpu", "parallel.expert_model_parallel_size=1",
+                                   *bench.METHODS[method]))
+    validate(cfg, world_size=1)
+    if bench.is_anyexperts(method):
+        assert cfg.moe.anyexperts.budget_target == bench.method_budget(method)
 
 
 def test_rival_methods_target_the_same_compute():

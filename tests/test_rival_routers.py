@@ -204,6 +204,39 @@ def test_l1_coefficient_controller_holds_the_target_against_a_pull():
     assert sum(counts[-100:]) / 100 == pytest.approx(2.0, abs=0.2)
 
 
+@pytest.mark.parametrize("threshold_rate", [0.0, 0.05])
+def test_gate_shift_reopens_gates_the_loss_closed(threshold_rate):
+    """A layer whose ReLU gates are all closed (every logit < 0, what the LM loss did to two
+    layers early in a measured run): the L1 coefficient alone cannot reopen them (a closed gate
+    has no gradient), the shift brings the count back to the target."""
+    from anyexperts.moe import losses
+
+    layer = _router(ReMoEConfig(l1_coeff=1e-8, target_real_experts=2.0, threshold_rate=threshold_rate))
+    hidden_TH = torch.randn(256, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        logits_TE = hidden_TH @ layer.router.weight.t()
+        layer.router.weight.mul_(0.5 / logits_TE.std())
+        layer.router.bias = None
+        shift = float((hidden_TH @ layer.router.weight.t()).max()) + 0.5
+    layer.train()
+    counts = []
+    for _ in range(200):
+        # Every logit below zero by a margin: what the closed layer sees.
+        routing = layer.router.route(hidden_TH @ layer.router.weight.t() - shift)
+        for controller in (layer.router.controller, layer.router.shift):
+            controller.count(routing.num_real_T)
+        counts.append(float(routing.num_real_T.double().mean()))
+        losses.update_selection_biases(layer, group=None)
+    assert counts[0] == 0.0
+    if threshold_rate == 0:
+        assert max(counts) == 0.0  # lambda falls to its floor and nothing opens
+        assert float(layer.router.l1_coeff) < 1e-8
+    else:
+        assert sum(counts[-50:]) / 50 == pytest.approx(2.0, abs=0.2), counts[-50:]
+        assert float(layer.router.shift.value) > 0
+        assert "router.shift.value" in layer.state_dict()
+
+
 # ------------------------------------------------------------------------ configs
 
 @pytest.mark.parametrize("kind,changes,field", [
@@ -221,6 +254,8 @@ def test_l1_coefficient_controller_holds_the_target_against_a_pull():
     ("remoe", {"target_real_experts": 0.0}, "target_real_experts"),
     ("remoe", {"capacity_factor": 0.0}, "capacity_factor"),
     ("remoe", {"z_loss_coeff": -1.0}, "z_loss_coeff"),
+    ("remoe", {"threshold_rate": -0.1}, "threshold_rate"),
+    ("remoe", {"threshold_rate": 0.1, "target_real_experts": None}, "threshold_rate"),
 ])
 def test_bad_rival_values_name_the_field(kind, changes, field):
     cfg = TrainConfig()

@@ -56,6 +56,10 @@ def _rival(kind: str, budget: float) -> list[str]:
     return [f"moe={kind}", f"moe.{kind}.target_real_experts={budget}"]
 
 
+def _virtual_variant(budget: float, k_max: int, *overrides: str) -> list[str]:
+    return [*_anyexperts("straight_through", budget, k_max), *(f"moe.anyexperts.{o}" for o in overrides)]
+
+
 # k_max = 3 leaves budget 1.8 room on both sides; budget 2.0 needs k_max = 4 for the same.
 METHODS: dict[str, list[str]] = {
     "top1": ["moe=topk", "moe.router_topk=1"],
@@ -63,9 +67,21 @@ METHODS: dict[str, list[str]] = {
     **{f"{rounding}_b{budget}": _anyexperts(rounding, budget, k_max)
        for budget, k_max in ((1.8, 3), (2.0, 4))
        for rounding in ("fractional", "straight_through", "dither")},
+    # Ablations of the virtual slots (moe=anyexperts: zero experts, gates over every selected
+    # entry, their count held at virtual_target): the earlier default, whose zero experts with
+    # gates over real entries only get no gradient from the loss; MoE++'s copy / constant experts.
+    **{f"virtual_{name}_b{budget}": _virtual_variant(budget, k_max, *overrides)
+       for budget, k_max in ((1.8, 3), (2.0, 4))
+       for name, overrides in (("unheld_real", ("gate_norm=real", "virtual_target=null", "virtual_bias_rate=0",
+                                                 "budget_on_virtual=true")),
+                               ("copy", ("virtual_kind=copy",)),
+                               ("constant_real", ("virtual_kind=constant", "gate_norm=real")))},
     # The rivals, their controllers holding the same mean real experts per token.
     "topp_b2.0": _rival("topp", 2.0),
     "remoe_b2.0": _rival("remoe", 2.0),
+    # The paper's router: no gate shift, so a layer whose gates close early stays closed.
+    "remoe_paper_b2.0": [*_rival("remoe", 2.0), "moe.remoe.threshold_rate=0.0"],
+    "remoe_shift_b2.0": [*_rival("remoe", 2.0), "moe.remoe.threshold_rate=0.01"],
 }
 BASELINE = "top2"
 

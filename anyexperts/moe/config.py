@@ -8,6 +8,7 @@ in their own megatron-core models: `AnyExpertsConfig(k_min=2, k_max=6, ...)`,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,6 +69,13 @@ class AnyExpertsConfig:
     # layer only together with importance_logit_std (moe=anyexperts: 0.5 and 2.0; docs/METHOD.md).
     # 0 = off.
     budget_bias_rate: float = 0.0
+    # Virtual slots per token the virtual entries' selection bias steers to (router.py): after
+    # each optimizer step the bias moves by -virtual_bias_rate * (measured - target). The count is
+    # held; which tokens take a virtual slot is left to the router logits, which with gates over
+    # every selected entry (gate_norm="all") learn from the loss where a real expert's share can
+    # go to a virtual one. None = off.
+    virtual_target: Optional[float] = None
+    virtual_bias_rate: float = 0.0
     z_loss_coeff: float = 1e-3
     # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias, updated by this rate.
     bias_update_rate: float = 0.0
@@ -111,9 +119,20 @@ class AnyExpertsConfig:
         if self.importance_hidden_size < 1:
             fail("importance_hidden_size", "must be >= 1")
         for name in ("load_balance_coeff", "budget_coeff", "z_loss_coeff", "bias_update_rate", "budget_bias_rate",
-                     "importance_scale_coeff"):
+                     "importance_scale_coeff", "virtual_bias_rate"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
+        if self.virtual_bias_rate > 0 and self.virtual_target is None:
+            fail("virtual_bias_rate", "needs a virtual_target (the count it steers to)")
+        if self.virtual_target is not None:
+            max_virtual = math.floor(self.rho_max * self.k_max)
+            if max_virtual < 1:
+                fail("virtual_target", f"needs a virtual slot to exist: floor(rho_max * k_max) = {max_virtual}; "
+                     f"raise {prefix}rho_max or set virtual_target=null")
+            if not 0.0 <= self.virtual_target <= max_virtual:
+                fail("virtual_target", f"must lie in [0, floor(rho_max * k_max) = {max_virtual}] virtual slots per token")
+            if self.virtual_bias_rate <= 0:
+                fail("virtual_bias_rate", "must be > 0 when virtual_target is set (it is what steers to the target)")
         if self.budget_bias_rate > 0 and self.budget_target is None:
             fail("budget_bias_rate", "needs a budget_target (the count it steers to)")
         if self.budget_target is not None and not self.k_min <= self.budget_target <= self.k_max:
@@ -198,12 +217,23 @@ class ReMoEConfig:
     l1_balance: bool = True
     # Mean real experts per token the coefficient holds; null = the coefficient stays fixed.
     target_real_experts: Optional[float] = None
+    # A shift b of every gate, ReLU(logit + b), moved after each step by
+    # threshold_rate * (target - measured). The L1 can only close gates, and a gate at 0 gets
+    # no gradient: when the language-model loss closes a layer's gates early (measured: two of
+    # four layers at 0.02-0.2 experts per token by step 100), only a shift reopens them.
+    # 0 = the paper's router (no shift).
+    threshold_rate: float = 0.0
     load_balance_coeff: float = 0.0
     z_loss_coeff: float = 0.0
     capacity_factor: Optional[float] = None
 
     def validate(self, *, num_experts: int, prefix: str = "") -> None:
         _check_shared(self, num_experts=num_experts, prefix=prefix)
+        if self.threshold_rate < 0:
+            raise ValueError(f"{prefix}threshold_rate={self.threshold_rate!r} must be >= 0 (0: no gate shift)")
+        if self.threshold_rate > 0 and self.target_real_experts is None:
+            raise ValueError(f"{prefix}threshold_rate={self.threshold_rate!r} needs a target_real_experts "
+                             "(the count it steers to)")
         if not self.l1_coeff > 0:
             raise ValueError(f"{prefix}l1_coeff={self.l1_coeff!r} must be > 0 (it is scaled by a factor per step)")
         if not self.l1_coeff_factor >= 1.0:

@@ -222,6 +222,8 @@ def update_selection_biases(model, group=None) -> None:
     counts:
     - DeepSeek-V3 bias of every router with bias_update_rate > 0:
       b_e += rate * sign(mean load - load_e);
+    - virtual selection bias of every router with a virtual_target:
+      b_v -= virtual_bias_rate * (virtual slots per token - virtual_target);
     - importance logit offset of every layer with budget_bias_rate > 0 (importance.py):
       offset -= rate * (R - budget_target), R the step's mean counted real slots per token;
     - running mean and std of the importance logit (importance_logit_std set);
@@ -233,10 +235,11 @@ def update_selection_biases(model, group=None) -> None:
     from anyexperts.moe.routers.budget import RealExpertsController, update_count_controllers
 
     routers = [m for m in _modules(model) if isinstance(m, AnyExpertsRouter) and m.bias_balancing]
+    virtual_routers = [m for m in _modules(model) if isinstance(m, AnyExpertsRouter) and m.controls_virtual]
     predictors = [m for m in _modules(model) if isinstance(m, ImportancePredictor)
                   and (m.controls_budget or m.normalizes_logit)]
     controllers = [m for m in _modules(model) if isinstance(m, RealExpertsController) and m.is_active]
-    if not routers and not predictors and not controllers:
+    if not routers and not virtual_routers and not predictors and not controllers:
         return
     if group is None and dist.is_initialized():
         from megatron.core import parallel_state
@@ -251,6 +254,12 @@ def update_selection_biases(model, group=None) -> None:
         for router, offset_E in zip(routers, offset_LE):
             router.selection_bias += router.ae.bias_update_rate * torch.sign(offset_E)
             router.bias_tokens_per_expert.zero_()
+    if virtual_routers:
+        counts_L2 = torch.stack([r.virtual_counts for r in virtual_routers])
+        if _group_size(group) > 1:
+            dist.all_reduce(counts_L2, group=group)
+        for router, counts_2 in zip(virtual_routers, counts_L2):
+            router.update_virtual_bias(counts_2)
     if predictors:
         # One all-reduce for every layer: [counted real slots, tokens, logit moments (3)].
         counts_L5 = torch.stack([torch.cat([p.budget_counts, p.logit_moments]) for p in predictors])

@@ -31,6 +31,9 @@ In the learned allocations the last slot's gate is scaled by its mass (compute_g
 Aux-loss-free balancing (DeepSeek-V3): a per-expert `selection_bias` is added to the real
 logits for the selection only, never to the gates; losses.update_selection_biases() moves
 it after each optimizer step from the loads counted here in `bias_tokens_per_expert`.
+The virtual entries get one such bias, `virtual_bias` (virtual_target): it holds how many
+virtual slots are taken per token, while the ranking of the virtual logits against the
+real ones, which the loss trains through the gates, decides which tokens take them.
 """
 
 from __future__ import annotations
@@ -230,6 +233,12 @@ class AnyExpertsRouter(Router):
         # Real slots per expert since the last bias update (this rank's tokens).
         self.register_buffer("bias_tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32),
                              persistent=False)
+        if self.controls_virtual:
+            # Selection-only bias of the virtual entries, the integral controller of virtual_target;
+            # registered only when it is on, so checkpoints without it load unchanged.
+            self.register_buffer("virtual_bias", torch.zeros(1, dtype=torch.float32))
+            # [virtual slots, tokens] of this rank's training forwards since the last update.
+            self.register_buffer("virtual_counts", torch.zeros(2, dtype=torch.float64), persistent=False)
 
     @property
     def slot_range(self) -> tuple[int, int]:
@@ -239,6 +248,10 @@ class AnyExpertsRouter(Router):
     @property
     def bias_balancing(self) -> bool:
         return self.ae.bias_update_rate > 0
+
+    @property
+    def controls_virtual(self) -> bool:
+        return self.ae.virtual_target is not None and self.num_virtual_experts > 0
 
     def route(self, logits_TX: torch.Tensor, importance_T: torch.Tensor,
               position_T: Optional[torch.Tensor] = None) -> Routing:
@@ -251,8 +264,12 @@ class AnyExpertsRouter(Router):
         num_real_at_eval_T = None
         with torch.no_grad():
             scores_TX = logits_TX.detach()
-            if self.bias_balancing:
-                bias_X = torch.cat([self.selection_bias, self.selection_bias.new_zeros(self.num_virtual_experts)])
+            if self.bias_balancing or self.controls_virtual:
+                real_bias_E = self.selection_bias if self.bias_balancing else self.selection_bias.new_zeros(
+                    self.num_experts)
+                virtual_bias_V = (self.virtual_bias.expand(self.num_virtual_experts) if self.controls_virtual
+                                  else self.selection_bias.new_zeros(self.num_virtual_experts))
+                bias_X = torch.cat([real_bias_E, virtual_bias_V])
                 scores_TX = scores_TX + bias_X  # float32 bias: promotes bf16 logits, keeps float64 ones
             entry_TK = select_slots(scores_TX, num_slots_T, max_virtual_by_k[num_slots_T],
                                     num_experts=self.num_experts, k_max=ae.k_max)
@@ -281,9 +298,28 @@ class AnyExpertsRouter(Router):
     def forward(self, hidden_TH: torch.Tensor, importance_T: torch.Tensor,
                 position_T: Optional[torch.Tensor] = None) -> Routing:
         routing = self.route(router_logits(self, hidden_TH), importance_T, position_T)
-        if self.bias_balancing and self.training and torch.is_grad_enabled():
-            self.count_for_bias_update(routing.real_expert_TK)
+        if self.training and torch.is_grad_enabled():
+            if self.bias_balancing:
+                self.count_for_bias_update(routing.real_expert_TK)
+            if self.controls_virtual:
+                self.count_virtual(routing.num_virtual_T)
         return routing
+
+    @torch.no_grad()
+    def count_virtual(self, num_virtual_T: torch.Tensor) -> None:
+        self.virtual_counts += torch.stack([num_virtual_T.double().sum(),
+                                            torch.full((), float(num_virtual_T.numel()), dtype=torch.float64,
+                                                       device=num_virtual_T.device)])
+
+    @torch.no_grad()
+    def update_virtual_bias(self, counts_2: torch.Tensor) -> None:
+        """virtual_bias -= rate * (virtual slots per token - virtual_target), from the step's
+        [virtual slots, tokens] summed over ranks; a step without training forwards keeps it."""
+        num_virtual, num_tokens = counts_2.unbind()
+        error = torch.where(num_tokens > 0, num_virtual / num_tokens.clamp(min=1) - self.ae.virtual_target,
+                            torch.zeros_like(num_virtual))
+        self.virtual_bias -= (self.ae.virtual_bias_rate * error).float()
+        self.virtual_counts.zero_()
 
     @torch.no_grad()
     def count_for_bias_update(self, real_expert_TK: torch.Tensor) -> None:
@@ -295,4 +331,7 @@ class AnyExpertsRouter(Router):
         super()._apply(fn, *args, **kwargs)
         self.selection_bias.data = self.selection_bias.data.float()
         self.bias_tokens_per_expert.data = self.bias_tokens_per_expert.data.float()
+        if self.controls_virtual:
+            self.virtual_bias.data = self.virtual_bias.data.float()
+            self.virtual_counts.data = self.virtual_counts.data.double()
         return self

@@ -23,6 +23,7 @@ from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from anyexperts.moe.router import Routing, router_logits
+from anyexperts.moe.routers.budget import RealExpertsController
 
 
 def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,8 @@ class SlotRouter(Router):
                 position_T: Optional[torch.Tensor] = None) -> Routing:
         """importance_T and position_T are accepted for the layer's call and unused."""
         routing = self.route(router_logits(self, hidden_TH))
-        controller = getattr(self, "controller", None)
-        if controller is not None and self.training and torch.is_grad_enabled():
-            controller.count(routing.num_real_T)
+        if self.training and torch.is_grad_enabled():
+            for controller in self.children():
+                if isinstance(controller, RealExpertsController):
+                    controller.count(routing.num_real_T)  # no-op when inactive
         return routing

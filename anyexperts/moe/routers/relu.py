@@ -18,7 +18,11 @@ target_real_experts set, after each optimizer step lambda *= l1_coeff_factor ** 
 target), R the step's mean real experts per token over the data-parallel ranks (the
 paper's lambda <- lambda alpha^sign(target sparsity - sparsity), with sparsity 1 - R / E).
 Unlike the paper, whose one lambda serves every layer, each layer holds its own lambda and
-so its own count at the target, as top-p's controller does.
+so its own count at the target, as top-p's controller does. With threshold_rate > 0 (off in
+the paper's setting) every gate is ReLU(logit + b), b a second controller (additive,
+`shift.value`, logged as gate_shift): the L1 only closes gates, and a closed gate gets no
+gradient, so a layer whose gates the language-model loss closed early stays below target
+without it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from anyexperts.moe.routers.budget import RealExpertsController
 
 # Bounds that keep lambda a finite positive number however long the count stays off target.
 MIN_L1_COEFF, MAX_L1_COEFF = 1e-20, 1e4
+# The gate shift's range, in logit units.
+MAX_ABS_SHIFT = 10.0
 
 
 def active_entries(gates_TE: torch.Tensor, *, max_experts: int) -> torch.Tensor:
@@ -62,17 +68,26 @@ class ReLURouter(SlotRouter):
                                                 target=routing_config.target_real_experts,
                                                 rule="multiplicative", rate=routing_config.l1_coeff_factor,
                                                 min_value=MIN_L1_COEFF, max_value=MAX_L1_COEFF, raises_count=False)
+        # Inactive (rate 0) unless threshold_rate is set; its value is 0 then.
+        self.shift = RealExpertsController(initial=0.0, target=routing_config.target_real_experts,
+                                           rule="additive", rate=routing_config.threshold_rate,
+                                           min_value=-MAX_ABS_SHIFT, max_value=MAX_ABS_SHIFT, raises_count=True)
 
     @property
     def l1_coeff(self) -> torch.Tensor:
         return self.controller.value
 
     def route(self, logits_TE: torch.Tensor) -> Routing:
-        gates_TE = torch.relu(at_least_fp32(logits_TE))
+        logits_TE = at_least_fp32(logits_TE)
+        if self.shift.is_active:
+            logits_TE = logits_TE + self.shift.value.to(logits_TE.dtype)
+        gates_TE = torch.relu(logits_TE)
         with torch.no_grad():
             entry_TK = active_entries(gates_TE.detach(), max_experts=self.max_experts)
         gate_TK = gates_TE.gather(1, entry_TK.clamp(min=0))
         l1 = l1_penalty(gates_TE, entry_TK, balance=self.routing_config.l1_balance)
         router_loss = self.l1_coeff[0].to(l1.dtype) * l1
         return real_only_routing(logits_TE, entry_TK, gate_TK, router_loss=router_loss,
-                                 router_stats={"l1_loss": l1.detach(), "l1_coeff": self.l1_coeff[0].clone()})
+                                 router_stats={"l1_loss": l1.detach(), "l1_coeff": self.l1_coeff[0].clone(),
+                                               **({"gate_shift": self.shift.value[0].clone()}
+                                                  if self.shift.is_active else {})})
