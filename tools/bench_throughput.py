@@ -1,0 +1,129 @@
+"""Full-step training throughput of every routing method at the same shapes, in one run.
+
+    OMP_NUM_THREADS=1 python tools/bench_throughput.py --grid-dir runs/bench_allocation \
+        --methods top1,top2,straight_through_b1.8,straight_through_b2.0,topp_b2.0,remoe_b2.0 \
+        --json runs/bench_throughput.json
+
+Each method continues its trained run of a `tools/bench_allocation.py` grid (<grid-dir>/
+<method>_s<seed>/checkpoints, the final checkpoint: routing as trained, not as initialised,
+which matters for the methods whose expert count is learned) for --steps more training steps
+(forward, backward, optimizer; one process, EP=1, no validation, no save), one method at a
+time, in --rounds interleaved rounds (method order rotated each round, so a slow spell of a
+shared machine does not land on one method). Per method: the median over rounds of
+tokens_per_s (the trainer's own windows after the first), and the mean real experts per
+token of the same steps. Printed and written as JSON: tokens/s against top-2 and real
+experts per token against top-2, so the two ratios can be read side by side. Run it on an
+idle machine; only ratios from one run are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_allocation import METHODS, read_records
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "top2"
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The newest step_* checkpoint of a finished grid run; a clear error when there is none."""
+    steps = sorted((run_dir / "checkpoints").glob("step_[0-9]*"))
+    steps = [s for s in steps if not s.name.endswith(".bad")]
+    if not steps:
+        raise SystemExit(f"error: {run_dir}/checkpoints has no checkpoint; rerun the grid with its final save "
+                         "(checkpoint.save_at_end=true, the default)")
+    return steps[-1]
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("_")[1])
+
+
+def timed_run(method: str, checkpoint: Path, steps: int, log_interval: int, scratch: Path) -> dict:
+    start = checkpoint_step(checkpoint)
+    run_dir = scratch / f"{method}_{start}"
+    command = [sys.executable, "-m", "launcher.train", "experiment=shakespeare_cpu",
+               "parallel.expert_model_parallel_size=1", *METHODS[method],
+               f"trainer.max_steps={start + steps}", f"trainer.eval_interval={10 * (start + steps)}", "trainer.pictures_at_end=false",
+               f"logging.log_interval={log_interval}", "logging.console=false", "logging.tensorboard=false",
+               f"experiment.run_dir={run_dir}", f"checkpoint.resume={checkpoint}", "checkpoint.interval=0",
+               "checkpoint.save_at_end=false", "checkpoint.load_optimizer=true"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {method} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    records = [r for r in read_records(run_dir) if "tokens_per_s" in r and r.get("step", 0) > start]
+    windows = [r["tokens_per_s"] for r in records][1:]  # the first window holds the warm-up
+    if not windows:
+        raise SystemExit(f"error: {method}: no timed window after the first; raise --steps")
+    real = [v for r in records[1:] for k, v in r.items()
+            if k.startswith("moe/real_experts_per_token/layer")]
+    return {"tokens_per_s": statistics.mean(windows),
+            "real_experts_per_token": statistics.mean(real) if real else float(_topk(method))}
+
+
+def _topk(method: str) -> int:
+    return int(next(o.split("=")[1] for o in METHODS[method] if o.startswith("moe.router_topk=")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid-dir", type=Path, required=True, help="a tools/bench_allocation.py --out-dir")
+    parser.add_argument("--methods", default="top1,top2,straight_through_b1.8,straight_through_b2.0,topp_b2.0,"
+                                              "remoe_b2.0")
+    parser.add_argument("--seed", type=int, default=1, help="which grid run of each method to continue")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--log-interval", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown methods {unknown}; known: {', '.join(METHODS)}")
+    if BASELINE not in methods:
+        raise SystemExit(f"error: --methods must include {BASELINE}, the baseline of the ratios")
+    checkpoints = {m: final_checkpoint(args.grid_dir / f"{m}_s{args.seed}") for m in methods}
+    samples: dict[str, list[dict]] = {m: [] for m in methods}
+    with tempfile.TemporaryDirectory(prefix="bench_throughput_") as scratch:
+        for round_index in range(args.rounds):
+            order = methods[round_index % len(methods):] + methods[:round_index % len(methods)]
+            for method in order:
+                sample = timed_run(method, checkpoints[method], args.steps, args.log_interval,
+                                   Path(scratch) / f"round{round_index}")
+                samples[method].append(sample)
+                print(f"round {round_index + 1}/{args.rounds} {method}: {sample['tokens_per_s']:.0f} tok/s, "
+                      f"{sample['real_experts_per_token']:.3f} real experts per token", flush=True)
+    rows = []
+    for method in methods:
+        tok_s = statistics.median(s["tokens_per_s"] for s in samples[method])
+        real = statistics.mean(s["real_experts_per_token"] for s in samples[method])
+        rows.append({"method": method, "tokens_per_s": tok_s, "tokens_per_s_all": [s["tokens_per_s"]
+                                                                                   for s in samples[method]],
+                     "real_experts_per_token": real})
+    base = next(r for r in rows if r["method"] == BASELINE)
+    for row in rows:
+        row["tokens_per_s_vs_top2"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["real_experts_vs_top2"] = row["real_experts_per_token"] / base["real_experts_per_token"]
+    print(f"{'method':24s} {'tok/s':>8s} {'spread':>15s} {'real/tok':>9s} {'tok/s vs top2':>14s} "
+          f"{'real vs top2':>13s}")
+    for row in rows:
+        spread = f"[{min(row['tokens_per_s_all']):.0f}, {max(row['tokens_per_s_all']):.0f}]"
+        print(f"{row['method']:24s} {row['tokens_per_s']:8.0f} {spread:>15s} {row['real_experts_per_token']:9.3f} "
+              f"{row['tokens_per_s_vs_top2']:14.3f} {row['real_experts_vs_top2']:13.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": vars(args) | {"grid_dir": str(args.grid_dir),
+                                                                  "json": str(args.json)},
+                                         "checkpoints": {m: str(c) for m, c in checkpoints.items()},
+                                         "methods": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
