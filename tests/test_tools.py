@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +225,25 @@ def test_bench_checkpoint_hashes_a_synthetic_checkpoint_and_prints_its_row(tmp_p
     assert row["save_checksum_s"] > 0 and row["load_verify_s"] > 0 and row["one_rank_mib_per_s"] > 0
     assert "synthetic 8 MiB" in capsys.readouterr().out
     assert not (tmp_path / "synthetic").exists()
+
+
+def test_bench_throughput_reads_the_windows_after_warm_up_and_the_final_checkpoint(tmp_path):
+    import bench_throughput
+
+    records = [{"step": 1000, "tokens_per_s": 5.0},  # the grid run's own last window
+               {"step": 1005, "tokens_per_s": 10.0, "moe/real_experts_per_token/layer1": 9.0},  # warm-up
+               {"step": 1010, "tokens_per_s": 100.0, "moe/real_experts_per_token/layer1": 1.5,
+                "moe/real_experts_per_token/layer2": 2.5},
+               {"step": 1015, "tokens_per_s": 200.0, "moe/real_experts_per_token/layer1": 2.0,
+                "moe/real_experts_per_token/layer2": 2.0}]
+    summary = bench_throughput.summarise_windows(records, start=1000, method="m")
+    assert summary == {"tokens_per_s": 150.0, "real_experts_per_token": 2.0}
+    with pytest.raises(SystemExit, match="no timed window"):
+        bench_throughput.summarise_windows(records[:2], start=1000, method="m")
+    run_dir = tmp_path / "top2_s1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="has no checkpoint"):
+        bench_throughput.final_checkpoint(run_dir)
+    for name in ("step_0000500", "step_0001000", "step_0001100.bad"):
+        (run_dir / "checkpoints" / name).mkdir()
+    assert bench_throughput.final_checkpoint(run_dir).name == "step_0001000"

@@ -58,18 +58,20 @@ def timed_run(method: str, checkpoint: Path, steps: int, log_interval: int, scra
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"error: {method} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    records = [r for r in read_records(run_dir) if "tokens_per_s" in r and r.get("step", 0) > start]
-    windows = [r["tokens_per_s"] for r in records][1:]  # the first window holds the warm-up
-    if not windows:
+    return summarise_windows(read_records(run_dir), start=start, method=method)
+
+
+def summarise_windows(records: list[dict], *, start: int, method: str) -> dict:
+    """Mean tokens_per_s and real experts per token (all layers) of the logged windows after
+    `start`, the first one left out: it holds the resume and the warm-up."""
+    timed = [r for r in records if "tokens_per_s" in r and r.get("step", 0) > start][1:]
+    if not timed:
         raise SystemExit(f"error: {method}: no timed window after the first; raise --steps")
-    real = [v for r in records[1:] for k, v in r.items()
-            if k.startswith("moe/real_experts_per_token/layer")]
-    return {"tokens_per_s": statistics.mean(windows),
-            "real_experts_per_token": statistics.mean(real) if real else float(_topk(method))}
-
-
-def _topk(method: str) -> int:
-    return int(next(o.split("=")[1] for o in METHODS[method] if o.startswith("moe.router_topk=")))
+    real = [v for r in timed for k, v in r.items() if k.startswith("moe/real_experts_per_token/layer")]
+    if not real:
+        raise SystemExit(f"error: {method}: its metrics have no moe/real_experts_per_token/layer<i>")
+    return {"tokens_per_s": statistics.mean(r["tokens_per_s"] for r in timed),
+            "real_experts_per_token": statistics.mean(real)}
 
 
 def main() -> None:
