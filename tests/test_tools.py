@@ -247,3 +247,10 @@ def test_bench_throughput_reads_the_windows_after_warm_up_and_the_final_checkpoi
     for name in ("step_0000500", "step_0001000", "step_0001100.bad"):
         (run_dir / "checkpoints" / name).mkdir()
     assert bench_throughput.final_checkpoint(run_dir).name == "step_0001000"
+
+
+def test_eval_uniform_k_covers_each_methods_slot_range():
+    import eval_uniform_k
+
+    assert eval_uniform_k.slot_range("straight_through_b1.8") == (1, 3)
+    assert eval_uniform_k.slot_range("straight_through_b2.0") == (1, 4)
