@@ -68,10 +68,12 @@ class ReLURouter(SlotRouter):
                                                 target=routing_config.target_real_experts,
                                                 rule="multiplicative", rate=routing_config.l1_coeff_factor,
                                                 min_value=MIN_L1_COEFF, max_value=MAX_L1_COEFF, raises_count=False)
-        # Inactive (rate 0) unless threshold_rate is set; its value is 0 then.
-        self.shift = RealExpertsController(initial=0.0, target=routing_config.target_real_experts,
-                                           rule="additive", rate=routing_config.threshold_rate,
-                                           min_value=-MAX_ABS_SHIFT, max_value=MAX_ABS_SHIFT, raises_count=True)
+        # Only with threshold_rate > 0, so that checkpoints of the paper's router load unchanged.
+        self.shift = None
+        if routing_config.threshold_rate > 0:
+            self.shift = RealExpertsController(initial=0.0, target=routing_config.target_real_experts,
+                                               rule="additive", rate=routing_config.threshold_rate,
+                                               min_value=-MAX_ABS_SHIFT, max_value=MAX_ABS_SHIFT, raises_count=True)
 
     @property
     def l1_coeff(self) -> torch.Tensor:
@@ -79,7 +81,7 @@ class ReLURouter(SlotRouter):
 
     def route(self, logits_TE: torch.Tensor) -> Routing:
         logits_TE = at_least_fp32(logits_TE)
-        if self.shift.is_active:
+        if self.shift is not None:
             logits_TE = logits_TE + self.shift.value.to(logits_TE.dtype)
         gates_TE = torch.relu(logits_TE)
         with torch.no_grad():
@@ -90,4 +92,4 @@ class ReLURouter(SlotRouter):
         return real_only_routing(logits_TE, entry_TK, gate_TK, router_loss=router_loss,
                                  router_stats={"l1_loss": l1.detach(), "l1_coeff": self.l1_coeff[0].clone(),
                                                **({"gate_shift": self.shift.value[0].clone()}
-                                                  if self.shift.is_active else {})})
+                                                  if self.shift is not None else {})})
