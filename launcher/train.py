@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate
 from launcher import bootstrap
+from launcher.threads import apply_thread_count
 
 # --- checkpoint / preemption (issue 5) ---
 # Exit code after a stop signal and its checkpoint: EX_TEMPFAIL ("try again"), distinct from a
@@ -108,6 +109,10 @@ def run(cfg_node: DictConfig) -> float | None:
     env = bootstrap.discover()
     try:
         validate(cfg, env.world_size)
+        # torchrun's workers share the CPUs of their one srun task; an srun task per rank does not.
+        print(apply_thread_count(rank=env.rank,
+                                 processes_per_task=env.local_world_size if env.launcher == "torchrun" else 1),
+              flush=True)
     except ValueError as err:
         # Before any process group: every rank fails the same way, with the field named.
         print(f"config error: {err}", file=sys.stderr, flush=True)
