@@ -16,13 +16,14 @@
 # job ids keep growing and a new job never lands in the runs/<name>/slurm-<id> folder of
 # an older one, which it would take for its own and resume.
 #
-# Environment: LOCAL_SLURM_CPUS (default: nproc), LOCAL_SLURM_WAIT_S (default 90: how long
+# Environment: LOCAL_SLURM_CPUS (default: the CPUs this process may use), LOCAL_SLURM_WAIT_S (default 90: how long
 # start waits for the node to become idle).
 
 set -euo pipefail
 
 NODE="$(hostname -s)"
-CPUS="${LOCAL_SLURM_CPUS:-$(nproc)}"
+# Not plain nproc: it reports OMP_NUM_THREADS instead of the CPUs when that is set.
+CPUS="${LOCAL_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 WAIT_S="${LOCAL_SLURM_WAIT_S:-90}"
 CONF=/etc/slurm/slurm.conf
 # The first line of every slurm.conf this script writes: a file without it belongs to
