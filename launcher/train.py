@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -138,6 +139,11 @@ def run(cfg_node: DictConfig) -> float | None:
                 requeue_slurm_job(job_id)
             # Exit together: torchrun stops the remaining ranks as soon as one has exited.
             dist.barrier()
+            # The checkpoint is complete and every rank is on its way out with 75. srun's
+            # --kill-on-bad-exit counts the first rank's 75 as a failure and sends SIGTERM to the
+            # others, which would turn their 75 into 143 and the step's status with them; ignore
+            # it now (SIGKILL still follows after Slurm's KillWait should a rank hang).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             # Raised inside the try: the finally below still tears down the process groups.
             raise SystemExit(EXIT_STOPPED_ON_SIGNAL)
         # --- end checkpoint / preemption ---
