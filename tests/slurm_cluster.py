@@ -95,17 +95,24 @@ def submit(script_and_args: list[str], *, env: dict[str, str], sbatch_args: list
 
 
 def job_info(job_id: str) -> dict[str, str]:
-    """`scontrol show job -o <id>` as a dict (JobState, Restarts, ExitCode, ...)."""
-    shown = run_quiet(["scontrol", "show", "job", "-o", job_id])
+    """`scontrol show job <id>` as a dict (JobState, Restarts, ExitCode, ...)."""
+    shown = run_quiet(["scontrol", "show", "job", job_id])
     assert shown.returncode == 0, f"scontrol show job {job_id}: {shown.stderr}"
     info: dict[str, str] = {}
-    key = None
-    for token in shown.stdout.strip().split(" "):
-        if "=" in token:
-            key, value = token.split("=", 1)
+    for line in shown.stdout.splitlines():
+        line = line.strip()
+        # One field per line whose value has spaces (the script and its Hydra overrides).
+        if line.startswith(("Command=", "Comment=")):
+            key, value = line.split("=", 1)
             info[key] = value
-        elif key:  # a value with spaces
-            info[key] += " " + token
+            continue
+        key = None
+        for token in line.split(" "):
+            if "=" in token:
+                key, value = token.split("=", 1)
+                info[key] = value
+            elif key:
+                info[key] += " " + token
     return info
 
 
