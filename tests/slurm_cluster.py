@@ -134,15 +134,23 @@ def wait_until_done(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, st
 
 def start_requeued_now(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, str]:
     """Waits for the requeue, then lifts the begin time Slurm gives a requeued job (about
-    two minutes from now), so that it starts again at once."""
+    two minutes ahead), so that it starts again at once.
+
+    Restarts counts the requeue as soon as it is asked for, while the first start's processes
+    may still be ending (RUNNING or COMPLETING), and the begin time is set only when they
+    have: so only a job seen PENDING after its requeue, and then no longer, has restarted.
+    """
     deadline = time.monotonic() + timeout
+    seen_pending = False
     while True:
         info = job_info(job_id)
-        if int(info.get("Restarts", "0")) >= 1:
-            if info["JobState"] != "PENDING":
-                return info
+        restarts = int(info.get("Restarts", "0"))
+        if restarts >= 1 and info["JobState"] == "PENDING":
+            seen_pending = True
             run_quiet(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-        if info["JobState"] in FINISHED_STATES and int(info.get("Restarts", "0")) == 0:
+        elif seen_pending:
+            return info
+        elif info["JobState"] in FINISHED_STATES:
             raise AssertionError(f"job {job_id} ended without being requeued: {info}")
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} was not requeued and restarted after {timeout:.0f}s: {info}")

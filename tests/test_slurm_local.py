@@ -193,7 +193,8 @@ def test_preemption_with_trainer_requeue_resumes_with_the_same_losses(srun_refer
     cancel_leftover_jobs.append(job)
     wait_for_step(job.run_dir, job.id, SIGNAL_AFTER_STEP)
     # What preemption sends first: SIGTERM to every task of the job and to the batch shell.
-    # Two calls: `scancel --full --signal=TERM` would cancel the job outright (Slurm 22.05).
+    # Not `scancel --full`: that signals srun too, which then ends the step at once, and the
+    # ranks were killed (137) before their checkpoint when tried.
     subprocess.run(["scancel", "--signal=TERM", job.id], check=True, timeout=60)
     subprocess.run(["scancel", "--batch", "--signal=TERM", job.id], check=True, timeout=60)
     start_requeued_now(job.id)
