@@ -1,6 +1,6 @@
 """The batch scripts and the submitit sweep on a real one-node Slurm cluster (slurm/local_cluster.sh).
 
-    pytest -m slurm tests/test_slurm_local.py      # as root; a few minutes on 2 cores
+    pytest -m slurm tests/test_slurm_local.py      # as root; 9 min on 2 cores that other jobs kept busy
 
 The session fixture starts the cluster (installing Slurm with apt-get when it is missing)
 and stops it again, unless it was running already. Without root, apt or Slurm the tests
