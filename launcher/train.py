@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -39,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate
 from launcher import bootstrap
+from launcher.threads import apply_thread_count
 
 # --- checkpoint / preemption (issue 5) ---
 # Exit code after a stop signal and its checkpoint: EX_TEMPFAIL ("try again"), distinct from a
@@ -108,6 +110,10 @@ def run(cfg_node: DictConfig) -> float | None:
     env = bootstrap.discover()
     try:
         validate(cfg, env.world_size)
+        # torchrun's workers share the CPUs of their one srun task; an srun task per rank does not.
+        print(apply_thread_count(rank=env.rank,
+                                 processes_per_task=env.local_world_size if env.launcher == "torchrun" else 1),
+              flush=True)
     except ValueError as err:
         # Before any process group: every rank fails the same way, with the field named.
         print(f"config error: {err}", file=sys.stderr, flush=True)
@@ -133,6 +139,11 @@ def run(cfg_node: DictConfig) -> float | None:
                 requeue_slurm_job(job_id)
             # Exit together: torchrun stops the remaining ranks as soon as one has exited.
             dist.barrier()
+            # The checkpoint is complete and every rank is on its way out with 75. srun's
+            # --kill-on-bad-exit counts the first rank's 75 as a failure and sends SIGTERM to the
+            # others, which would turn their 75 into 143 and the step's status with them; ignore
+            # it now (SIGKILL still follows after Slurm's KillWait should a rank hang).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             # Raised inside the try: the finally below still tears down the process groups.
             raise SystemExit(EXIT_STOPPED_ON_SIGNAL)
         # --- end checkpoint / preemption ---

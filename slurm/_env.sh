@@ -11,7 +11,8 @@
 #      Optional, to override: MASTER_ADDR, MASTER_PORT, RUN_NAME (default: the job name),
 #      RUN_ROOT (default: $PWD/runs), RUN_DIR, PYTHON (default: python),
 #      REQUEUE_FROM_BATCH (default 1: requeue after the time-limit signal).
-# Out: exported MASTER_ADDR, MASTER_PORT, RUN_NAME, RUN_DIR, LOG_DIR, SRUN_CPUS_PER_TASK; PYTHON.
+# Out: exported MASTER_ADDR, MASTER_PORT, RUN_NAME, RUN_DIR, LOG_DIR, SRUN_CPUS_PER_TASK; PYTHON;
+#      anyexperts_threads_per_rank (exports OMP_NUM_THREADS) and anyexperts_run_step.
 
 if [[ -z "${SLURM_JOB_ID:-}" || -z "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}" ]]; then
   echo "slurm/_env.sh: SLURM_JOB_ID and SLURM_JOB_NODELIST are not set; submit with sbatch" \
@@ -45,6 +46,24 @@ mkdir -p "$LOG_DIR"
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
   export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"
 fi
+
+# anyexperts_threads_per_rank N: exports OMP_NUM_THREADS for ranks that run N to an srun task
+# (1 for a task per rank, the worker count under torchrun) and prints where it came from.
+# Without it each rank starts one torch thread per core of the node, not per CPU it was
+# given, and torchrun would set 1 for its workers. A value the submitter set is kept.
+anyexperts_threads_per_rank() {
+  local per_task="$1"
+  if [[ -n "${OMP_NUM_THREADS:-}" ]]; then
+    echo "threads per rank: $OMP_NUM_THREADS (OMP_NUM_THREADS set when submitting)"
+  elif [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    OMP_NUM_THREADS=$((SLURM_CPUS_PER_TASK / per_task))
+    ((OMP_NUM_THREADS >= 1)) || OMP_NUM_THREADS=1
+    export OMP_NUM_THREADS
+    echo "threads per rank: $OMP_NUM_THREADS (SLURM_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK for $per_task rank(s) per task)"
+  else
+    echo "threads per rank: torch's default (no --cpus-per-task, no OMP_NUM_THREADS)"
+  fi
+}
 
 ANYEXPERTS_GOT_TIME_SIGNAL=0
 

@@ -20,6 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from launcher.bootstrap import discover, first_host
+from launcher.threads import apply_thread_count, choose_thread_count
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SBATCH_FILES = sorted((REPO_ROOT / "slurm").glob("*.sbatch"))
@@ -144,6 +145,54 @@ def test_env_sh_outside_slurm_says_to_use_sbatch(tmp_path):
                             env=slurm_free_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "sbatch" in result.stderr
+
+
+# ----------------------------------------------------------------------------- threads per rank
+
+
+def test_thread_count_takes_omp_num_threads_then_slurm_cpus_per_task():
+    both = {"OMP_NUM_THREADS": "3", "SLURM_CPUS_PER_TASK": "8"}
+    assert choose_thread_count(both, processes_per_task=1) == (3, "OMP_NUM_THREADS=3")
+    assert choose_thread_count({"SLURM_CPUS_PER_TASK": "8"}, processes_per_task=1) == (8, "SLURM_CPUS_PER_TASK=8")
+    # torchrun's workers share their task's CPUs, and each keeps at least one thread.
+    assert choose_thread_count({"SLURM_CPUS_PER_TASK": "8"}, processes_per_task=4) == (
+        2, "SLURM_CPUS_PER_TASK=8 shared by 4 processes")
+    assert choose_thread_count({"SLURM_CPUS_PER_TASK": "2"}, processes_per_task=4)[0] == 1
+    threads, source = choose_thread_count({}, processes_per_task=1)
+    assert threads is None and "torch's default" in source
+
+
+@pytest.mark.parametrize("key", ["OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"])
+def test_thread_count_names_a_bad_variable(key):
+    with pytest.raises(ValueError, match=f"{key}='0'"):
+        choose_thread_count({key: "0"}, processes_per_task=1)
+
+
+def test_apply_thread_count_sets_torch_and_exports_the_count():
+    import torch
+
+    before = torch.get_num_threads()
+    environ = {"SLURM_CPUS_PER_TASK": "1"}
+    try:
+        line = apply_thread_count(rank=3, processes_per_task=1, environ=environ)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert line == "rank 3: 1 torch threads (SLURM_CPUS_PER_TASK=1)"
+    assert environ["OMP_NUM_THREADS"] == "1", "processes the rank starts follow it"
+
+
+@pytest.mark.parametrize("preset, per_task, expected", [(None, 1, "8"), (None, 3, "2"), ("5", 4, "5")])
+def test_env_sh_threads_per_rank_divides_the_task_cpus_unless_set(tmp_path, preset, per_task, expected):
+    env = batch_shell_env(tmp_path)  # SLURM_CPUS_PER_TASK=8
+    env.pop("OMP_NUM_THREADS", None)
+    if preset:
+        env["OMP_NUM_THREADS"] = preset
+    script = f'source "{REPO_ROOT}/slurm/_env.sh" && anyexperts_threads_per_rank {per_task} && echo "OMP=$OMP_NUM_THREADS"'
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"OMP={expected}"
+    assert result.stdout.startswith(f"threads per rank: {expected} (")
 
 
 # ----------------------------------------------------------------------------- whole batch scripts, fake Slurm
