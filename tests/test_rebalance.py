@@ -256,7 +256,8 @@ def _reduce_like_ddp(layer):
 
     grads = {}
     for name, param in layer.named_parameters():
-        grad = param.grad.clone()
+        # A rank without tokens leaves some gradients unset; DDP reduces zeros for them.
+        grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
         if getattr(param, "allreduce", True):
             group = parallel_state.get_data_parallel_group()
         else:
@@ -304,7 +305,8 @@ def _layer_cases(rank: int, world_size: int, ep_size: int) -> dict:
         diffs = {"output": _rel_diff(outs[1], outs[0])}
         diffs.update({f"grad:{n}": _rel_diff(grads[1][n], grads[0][n]) for n in grads[0]})
         for name in ("load_balance_loss", "budget_loss", "z_loss", "tokens_per_expert", "dropped_slots"):
-            diffs[f"stat:{name}"] = _rel_diff(logged[1][name][1], logged[0][name][1])
+            if tokens > 0:  # a rank without tokens records nothing
+                diffs[f"stat:{name}"] = _rel_diff(logged[1][name][1], logged[0][name][1])
         results[case] = dict(diffs=diffs, stats={n: float(logged[1][n][1]) for n in (
             "rank_load_imbalance_before", "rank_load_imbalance_after", "rebalance_active", "rebalanced_slots",
             "rebalance_weight_bytes") if tokens > 0},
@@ -334,8 +336,9 @@ def _training_run(rank: int, world_size: int, ep_size: int, steps: int = 4) -> d
             out, _ = layer(x)
             loss = ((out - target) ** 2).mean()
             loss.backward()
-            for param, grad in _reduce_like_ddp(layer).items():
-                dict(layer.named_parameters())[param].grad.copy_(grad)
+            params = dict(layer.named_parameters())
+            for name, grad in _reduce_like_ddp(layer).items():
+                params[name].grad = grad
             optimizer.step()
             losses.append(float(loss))
             plan = layer.token_dispatcher.last_plan

@@ -356,7 +356,7 @@ class VariableSlotAllToAll:
             output_splits[plan.home(expert)] += 1
         device = weights_L[0].device
         lent_L = host_to_device(lent_L, device)
-        rows_LW = torch.cat([w.index_select(0, lent_L).reshape(len(lent), -1) for w in weights_L], dim=1)
+        rows_LW = torch.cat([w.index_select(0, lent_L).reshape(len(lent), w[0].numel()) for w in weights_L], dim=1)
         received_BW, anchor = _AnchoredAllToAllRows.apply(self.ep_group, output_splits, input_splits, rows_LW)
         self._state["anchor"] = anchor
         self.last_weight_bytes_sent = rows_LW.numel() * rows_LW.element_size()
