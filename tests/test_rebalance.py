@@ -217,7 +217,8 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def _layer_pair(world_size: int, ep_size: int, rebalance: RebalanceConfig, skew_X: torch.Tensor):
+def _layer_pair(world_size: int, ep_size: int, rebalance: RebalanceConfig, skew_X: torch.Tensor,
+                capacity_factor=None):
     """(plain layer, rebalanced layer) with the same weights, the router's selection skewed by skew_X."""
     from anyexperts import AnyExpertsConfig
     from tests.test_anyexperts_layer import build_layer, transformer_config
@@ -225,7 +226,7 @@ def _layer_pair(world_size: int, ep_size: int, rebalance: RebalanceConfig, skew_
     ae = AnyExpertsConfig(k_min=1, k_max=3, k_rounding="straight_through", num_virtual_experts=1, rho_max=0.34,
                           virtual_kind="copy", alpha=0.2, learn_alpha=True, load_balance_coeff=0.1,
                           budget_coeff=0.5, budget_target=2.0, z_loss_coeff=0.01, bias_update_rate=1e-9,
-                          capacity_factor=1.5)
+                          capacity_factor=capacity_factor)
     from megatron.core.transformer.spec_utils import build_module
 
     from anyexperts.moe.specs import get_anyexperts_moe_spec
@@ -285,7 +286,9 @@ def _layer_cases(rank: int, world_size: int, ep_size: int) -> dict:
 
     results = {}
     for case, skew_X in _skews(world_size, ep_size).items():
-        plain, balanced = _layer_pair(world_size, ep_size, RebalanceConfig(enable=True), skew_X)
+        # Capacity (decided per rank before the plan) composes with it: the same slots are dropped.
+        plain, balanced = _layer_pair(world_size, ep_size, RebalanceConfig(enable=True), skew_X,
+                                      capacity_factor=2.0 if case == "zipf" else None)
         gen = torch.Generator().manual_seed(50 + rank)
         tokens = 0 if (case == "one_expert" and rank == 1) else 16  # an empty rank
         x = torch.randn(tokens, 1, HIDDEN, generator=gen, dtype=torch.float64)
