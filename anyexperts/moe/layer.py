@@ -299,11 +299,14 @@ class AnyExpertsMoELayer(BaseMoELayer):
         stats.record(layer, "a2a_bytes", torch.tensor(float(self.token_dispatcher.last_bytes_sent)))
         plan = self.token_dispatcher.last_plan
         if plan is not None:
-            stats.record(layer, "rank_load_imbalance_before", torch.tensor(plan.imbalance_before))
-            stats.record(layer, "rank_load_imbalance_after", torch.tensor(plan.imbalance_after))
-            stats.record(layer, "rebalance_active", torch.tensor(float(plan.active)))
-            stats.record(layer, "rebalanced_slots", torch.tensor(float(plan.num_moved_slots)))
-            stats.record(layer, "rebalance_weight_bytes", torch.tensor(float(self.token_dispatcher.last_weight_bytes_sent)))
+            # Host numbers of the global plan (the same on every rank), kept beside the other sums.
+            weight_bytes = float(self.token_dispatcher.last_weight_bytes_sent)
+            plan_stats = torch.tensor([plan.imbalance_before, plan.imbalance_after, float(plan.active),
+                                       float(plan.num_moved_slots), weight_bytes], dtype=torch.float64)
+            plan_stats = plan_stats.to(device, non_blocking=True)
+            for name, value in zip(("rank_load_imbalance_before", "rank_load_imbalance_after", "rebalance_active",
+                                    "rebalanced_slots", "rebalance_weight_bytes"), plan_stats):
+                stats.record(layer, name, value)
         if importance_T is not None and self.importance.scale_loss is not None:
             stats.record(layer, "importance_scale_loss", self.importance.scale_loss.detach())
         if aux is not None:
