@@ -130,6 +130,23 @@ def test_rebalancing_needs_the_anyexperts_layer():
         validate(cfg, world_size=1)
 
 
+def test_rebalancing_needs_an_expert_module_that_borrows_weights():
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.spec_utils import build_module
+
+    from anyexperts import AnyExpertsConfig
+    from anyexperts.moe.specs import get_anyexperts_moe_spec
+    from tests.test_anyexperts_layer import no_process_groups, transformer_config
+
+    spec = get_anyexperts_moe_spec(AnyExpertsConfig(), expert_module=SequentialMLP,
+                                   rebalance=RebalanceConfig(enable=True))
+    with pytest.raises(ValueError, match=r"moe\.rebalance\.enable=True needs an expert module .*SequentialMLP"):
+        build_module(spec, config=transformer_config(), layer_number=1, pg_collection=no_process_groups())
+    spec = get_anyexperts_moe_spec(AnyExpertsConfig(), rebalance=RebalanceConfig(enable=True, cap_factor=-1.0))
+    with pytest.raises(ValueError, match=r"moe\.rebalance\.cap_factor=-1\.0 must be > 0"):
+        build_module(spec, config=transformer_config(), layer_number=1, pg_collection=no_process_groups())
+
+
 # ----------------------------------------------------------------------------------- rank code
 def skewed_routing(case: str, rank: int, world_size: int, *, num_tokens: int = TOKENS, dtype=torch.float64):
     """(hidden_TH, expert_TK, gate_TK) of one rank; distinct experts per token, -1 = no slot."""
@@ -409,7 +426,9 @@ def test_rebalanced_layer_equals_plain_after_ddp(world, case):
     assert all(r["layer"][case]["plain_has_no_rebalance_stats"] for r in per_rank)
     assert logged and all(s["rebalance_active"] == 1.0 for s in logged), logged
     assert all(s["rank_load_imbalance_after"] < s["rank_load_imbalance_before"] for s in logged), logged
-    assert sum(s["rebalance_weight_bytes"] for s in logged) > 0 and logged[0]["rebalanced_slots"] > 0
+    assert logged[0]["rebalanced_slots"] > 0
+    if len(logged) == len(per_rank):  # a rank without tokens records nothing, also what it lent
+        assert sum(s["rebalance_weight_bytes"] for s in logged) > 0
 
 
 @pytest.mark.slow
