@@ -202,7 +202,8 @@ class VariableSlotAllToAll:
     # ----------------------------------------------------------------------------------------
     def dispatch(self, hidden_TH: torch.Tensor, expert_TK: torch.Tensor, gate_TK: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (tokens_NH sorted by local expert, int64 CPU count per local expert, gate per row)."""
+        """Returns (tokens_NH sorted by local expert, int64 CPU count per local expert, gate per row);
+        under an active rebalancing plan the experts are this rank's, then `borrowed_experts`."""
         if expert_TK.dim() != 2 or gate_TK.shape != expert_TK.shape:
             raise ValueError(f"expert_TK {tuple(expert_TK.shape)} and gate_TK {tuple(gate_TK.shape)} "
                              "must both be [tokens, slots]")
