@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from anyexperts.moe.config import AnyExpertsConfig, ReMoEConfig, TopPConfig
+from anyexperts.moe.rebalance import RebalanceConfig
 
 
 @dataclass
@@ -53,6 +54,9 @@ class MoEConfig:
     # Settings of the rival routing methods (used when kind == "topp" / "remoe").
     topp: TopPConfig = field(default_factory=TopPConfig)
     remoe: ReMoEConfig = field(default_factory=ReMoEConfig)
+    # Least-loaded expert parallelism for the AnyExperts layer kinds (anyexperts/moe/rebalance.py):
+    # hot experts' slots computed on less loaded expert-parallel ranks, exactly.
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
 
     def routing_config(self):
         """The routing method's settings for the AnyExperts layer (kind anyexperts, topp, remoe)."""
@@ -246,6 +250,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         _positive("moe.aux_loss_coeff", moe.aux_loss_coeff, allow_zero=True)
         if moe.kind in ROUTED_KINDS:
             moe.routing_config().validate(num_experts=moe.num_experts, prefix=f"moe.{moe.kind}.")
+        moe.rebalance.validate(prefix="moe.rebalance.")
+        if moe.rebalance.enable and moe.kind not in ROUTED_KINDS:
+            raise ValueError(f"moe.rebalance.enable=True needs the AnyExperts layer (moe.kind one of "
+                             f"{', '.join(ROUTED_KINDS)}), not moe.kind={moe.kind!r}")
 
     _choice("parallel.backend", par.backend, ("auto", "nccl", "gloo"))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):

@@ -121,7 +121,8 @@ def layer_specs(cfg: TrainConfig, config) -> list:
         from anyexperts.moe.specs import get_anyexperts_layer_spec
 
         moe_spec = get_anyexperts_layer_spec(
-            cfg.moe.routing_config(), use_transformer_engine=use_te, normalization=cfg.model.normalization)
+            cfg.moe.routing_config(), use_transformer_engine=use_te, normalization=cfg.model.normalization,
+            rebalance=cfg.moe.rebalance)
     return [moe_spec if i % cfg.moe.layer_freq == 0 else dense for i in range(cfg.model.num_layers)]
 
 

@@ -30,7 +30,18 @@ amounts again, mirrored, and is not counted. Metadata is counted apart in
 `last_metadata_bytes_sent`: the gates (rows sent to other ranks x gate element size) and the
 counts exchange ((ep - 1) x E_local x 8 bytes).
 
-Tests: tests/test_dispatcher.py. Benchmark: tools/bench_dispatcher.py.
+Rebalancing (`rebalance=RebalanceConfig(enable=True)`, plan in rebalance.py): the counts
+exchange becomes an all_gather of every rank's per-expert counts, from which every rank
+computes the same plan. An inactive plan (balanced step) takes the path above. An active
+one sends each slot to the rank that computes it, which may be a helper of the expert's
+home; the received rows are ordered by COMPUTED expert: this rank's own experts first, then
+the borrowed ones (`borrowed_experts`, ascending). `borrow_weights(expert weights)` then
+brings the borrowed experts' weights (one all_to_all_single over per-expert rows); its
+backward returns the helpers' weight gradients home, where autograd adds them to the home
+rank's own. `last_plan` keeps the step's plan for the statistics.
+
+Tests: tests/test_dispatcher.py, tests/test_rebalance.py. Benchmark: tools/bench_dispatcher.py,
+tools/bench_balancer.py.
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from anyexperts.moe.rebalance import RebalanceConfig, RebalancePlan, plan_rebalance
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -75,6 +88,23 @@ def _exchange(group, output_splits: list[int], input_splits: list[int], tensors)
     return tuple(outs)
 
 
+class _AnchoredAllToAllRows(torch.autograd.Function):
+    """_AllToAllRows of one tensor that also returns a zero scalar `anchor` for the caller to add
+    to the layer's output. The output then depends on this exchange on every rank, so every rank
+    enters its backward exchange, also a rank whose received rows feed nothing (zero rows)."""
+
+    @staticmethod
+    def forward(ctx, group, output_splits, input_splits, rows):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        (received,) = _exchange(group, output_splits, input_splits, (rows,))
+        return received, rows.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_received, grad_anchor):
+        (grad_rows,) = _exchange(ctx.group, ctx.input_splits, ctx.output_splits, (grad_received.contiguous(),))
+        return None, None, None, grad_rows
+
+
 class _PermuteRows(torch.autograd.Function):
     """out = x[perm] for a bijective perm; backward gathers with the inverse permutation instead
     of autograd's generic zeros + index_add_ (a fill and a scatter saved per use)."""
@@ -102,6 +132,21 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def _reorder_segments(counts_G: torch.Tensor, order_G: torch.Tensor, num_rows: int, device) -> torch.Tensor:
+    """Row gather index that lays the segments of a buffer (counts_G rows each, in order) out in
+    the segment order order_G; every segment must appear once in order_G."""
+    counts_G = counts_G.reshape(-1)
+    src_start_G = _exclusive_cumsum(counts_G)[order_G]
+    counts_out_G = counts_G[order_G]
+    shift = torch.repeat_interleave(host_to_device(src_start_G - _exclusive_cumsum(counts_out_G), device),
+                                    host_to_device(counts_out_G, device), output_size=num_rows)
+    return torch.arange(num_rows, device=device) + shift
+
+
+def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
 def _segment_permutation(counts_AB: torch.Tensor, num_rows: int, device) -> torch.Tensor:
     """Row gather index that turns segments laid out (a, b)-major into (b, a)-major order.
 
@@ -126,7 +171,8 @@ class VariableSlotAllToAll:
     State of one dispatch is kept here until its combine, as megatron's dispatchers do.
     """
 
-    def __init__(self, *, num_experts: int, ep_group: Optional[ProcessGroup]):
+    def __init__(self, *, num_experts: int, ep_group: Optional[ProcessGroup],
+                 rebalance: Optional[RebalanceConfig] = None):
         self.ep_group = ep_group
         self.ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
         self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
@@ -139,6 +185,14 @@ class VariableSlotAllToAll:
         self.last_combine_bytes_sent = 0
         self.last_metadata_bytes_sent = 0
         self._state: Optional[dict] = None
+        if rebalance is not None:
+            rebalance.validate(prefix="rebalance.")
+        self.rebalance = rebalance if rebalance is not None and rebalance.enable else None
+        # The last dispatch's plan (None without rebalancing or with one rank).
+        self.last_plan: Optional[RebalancePlan] = None
+        self.last_weight_bytes_sent = 0
+        # Global ids of the experts this rank computes for other ranks in the current step.
+        self.borrowed_experts: list[int] = []
 
     @property
     def last_bytes_sent(self) -> int:
@@ -148,7 +202,8 @@ class VariableSlotAllToAll:
     # ----------------------------------------------------------------------------------------
     def dispatch(self, hidden_TH: torch.Tensor, expert_TK: torch.Tensor, gate_TK: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (tokens_NH sorted by local expert, int64 CPU count per local expert, gate per row)."""
+        """Returns (tokens_NH sorted by local expert, int64 CPU count per local expert, gate per row);
+        under an active rebalancing plan the experts are this rank's, then `borrowed_experts`."""
         if expert_TK.dim() != 2 or gate_TK.shape != expert_TK.shape:
             raise ValueError(f"expert_TK {tuple(expert_TK.shape)} and gate_TK {tuple(gate_TK.shape)} "
                              "must both be [tokens, slots]")
@@ -167,19 +222,32 @@ class VariableSlotAllToAll:
         send_counts_E = counts_E1[:num_experts]
 
         # 2. Counts exchange, overlapped with the sort; then the one host sync for both.
-        work = None
-        if ep_size > 1:
+        work, plan = None, None
+        self.borrowed_experts, self.last_plan, self.last_weight_bytes_sent = [], None, 0
+        if ep_size > 1 and self.rebalance is not None:
+            counts_RE = torch.empty(ep_size * num_experts, dtype=torch.int64, device=device)
+            work = dist.all_gather_into_tensor(counts_RE, send_counts_E, group=self.ep_group, async_op=True)
+        elif ep_size > 1:
             recv_counts_RL = torch.empty(num_experts, dtype=torch.int64, device=device)
             work = dist.all_to_all_single(recv_counts_RL, send_counts_E, group=self.ep_group,
                                           async_op=True)
         order_S = torch.sort(key_S, stable=True).indices
-        if work is not None:
+        if work is not None and self.rebalance is not None:
+            work.wait()
+            counts_RE_host = counts_RE.cpu().view(ep_size, num_experts)
+            plan = self.last_plan = plan_rebalance(counts_RE_host, self.rebalance)
+            send_counts = counts_RE_host[self.ep_rank].tolist()
+            own = slice(self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts)
+            recv_counts = counts_RE_host[:, own].reshape(-1).tolist()
+        elif work is not None:
             work.wait()
             host = torch.cat([send_counts_E, recv_counts_RL]).tolist()
             send_counts, recv_counts = host[:num_experts], host[num_experts:]
         else:
             send_counts = send_counts_E.tolist()
             recv_counts = send_counts
+        if plan is not None and plan.active:
+            return self._dispatch_rebalanced(plan, hidden_TH, gate_TK, order_S, num_slots, hidden_shape)
 
         # 3. Gather the real slots' rows (expert-major, hence destination-rank-major).
         num_real = sum(send_counts)
@@ -220,9 +288,83 @@ class VariableSlotAllToAll:
         returned_remote = num_recv - output_splits[self.ep_rank]
         self.last_dispatch_bytes_sent = sent_remote * row_bytes
         self.last_combine_bytes_sent = returned_remote * row_bytes
+        counts_sent = num_experts if self.rebalance is not None else local  # all_gather vs all_to_all
         self.last_metadata_bytes_sent = (sent_remote * gates_N.element_size()
-                                         + (ep_size - 1) * local * send_counts_E.element_size())
+                                         + (ep_size - 1) * counts_sent * send_counts_E.element_size())
         return tokens_MH, recv_counts_RL_host.sum(0), probs_M
+
+    # ----------------------------------------------------------------------------------------
+    def _dispatch_rebalanced(self, plan: RebalancePlan, hidden_TH: torch.Tensor, gate_TK: torch.Tensor,
+                             order_S: torch.Tensor, num_slots: int, hidden_shape):
+        """dispatch() under an active plan: slots go to the ranks that compute them."""
+        me, ep_size, local, device = self.ep_rank, self.ep_size, self.num_local_experts, hidden_TH.device
+        flows_SDE = plan.flows_SDE
+        # Sorted by expert, each expert's slots split into destinations in ascending order:
+        # segments (expert, destination); the exchange needs them destination-major.
+        send_ED = flows_SDE[me].t().contiguous()
+        num_real = int(send_ED.sum())
+        to_destination_major = _segment_permutation(send_ED, num_real, device)
+        slot_N = order_S[:num_real].index_select(0, to_destination_major)
+        token_N = torch.div(slot_N, num_slots, rounding_mode="floor")
+        rows_NH = hidden_TH.index_select(0, token_N)
+        gates_N = gate_TK.reshape(-1).to(device).index_select(0, slot_N)
+        input_splits = send_ED.sum(0).tolist()
+
+        recv_SE = flows_SDE[:, me]
+        output_splits = recv_SE.sum(1).tolist()
+        num_recv = sum(output_splits)
+        recv_MH, recv_gates_M = _AllToAllRows.apply(self.ep_group, output_splits, input_splits, rows_NH, gates_N)
+        # Received segments are (source, expert)-major; computed experts are this rank's own
+        # experts, then the borrowed ones, each with its sources in rank order.
+        self.borrowed_experts = plan.borrowed(me)
+        computed_X = list(range(me * local, (me + 1) * local)) + self.borrowed_experts
+        num_experts = recv_SE.shape[1]
+        order_XS = (torch.tensor(computed_X, dtype=torch.int64).unsqueeze(1)
+                    + num_experts * torch.arange(ep_size).unsqueeze(0)).reshape(-1)
+        to_expert_major = _reorder_segments(recv_SE, order_XS, num_recv, device)
+        to_rank_major = _inverse_permutation(to_expert_major)
+        tokens_MH = _PermuteRows.apply(recv_MH, to_expert_major, to_rank_major)
+        probs_M = _PermuteRows.apply(recv_gates_M, to_expert_major, to_rank_major)
+        self._state = dict(token_N=token_N, num_tokens=hidden_TH.shape[0], hidden_shape=hidden_shape,
+                           input_splits=input_splits, output_splits=output_splits,
+                           to_rank_major=to_rank_major, to_expert_major=to_expert_major, anchor=None)
+
+        row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
+        sent_remote = num_real - input_splits[me]
+        self.last_dispatch_bytes_sent = sent_remote * row_bytes
+        self.last_combine_bytes_sent = (num_recv - output_splits[me]) * row_bytes
+        self.last_metadata_bytes_sent = (sent_remote * gates_N.element_size()
+                                         + (ep_size - 1) * num_experts * 8)
+        return tokens_MH, recv_SE[:, computed_X].sum(0), probs_M
+
+    def borrow_weights(self, weights_L: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The borrowed experts' weights, one [B, ...] tensor per [E_local, ...] weight of this
+        rank's experts (all of one dtype), for the experts of `borrowed_experts` in that order.
+
+        Call after dispatch() under an active plan, on every rank (also one that lends or
+        borrows nothing): it is a collective. Autograd returns the gradients home.
+        """
+        if self._state is None or self.last_plan is None or not self.last_plan.active:
+            raise RuntimeError("borrow_weights() needs a preceding dispatch() with an active rebalancing plan")
+        plan, me, local = self.last_plan, self.ep_rank, self.num_local_experts
+        lent = plan.lent(me)  # helper-major, as the exchange needs
+        lent_L = torch.tensor([expert - me * local for expert, _ in lent], dtype=torch.int64)
+        input_splits = [0] * self.ep_size
+        for _, helper in lent:
+            input_splits[helper] += 1
+        output_splits = [0] * self.ep_size
+        for expert in self.borrowed_experts:
+            output_splits[plan.home(expert)] += 1
+        device = weights_L[0].device
+        lent_L = host_to_device(lent_L, device)
+        rows_LW = torch.cat([w.index_select(0, lent_L).reshape(len(lent), w[0].numel()) for w in weights_L], dim=1)
+        received_BW, anchor = _AnchoredAllToAllRows.apply(self.ep_group, output_splits, input_splits, rows_LW)
+        self._state["anchor"] = anchor
+        self.last_weight_bytes_sent = rows_LW.numel() * rows_LW.element_size()
+        num_borrowed = len(self.borrowed_experts)
+        sizes = [w[0].numel() for w in weights_L]
+        return [part.reshape(num_borrowed, *w.shape[1:])
+                for part, w in zip(received_BW.split(sizes, dim=1), weights_L)]
 
     # ----------------------------------------------------------------------------------------
     def combine(self, expert_out_NH: torch.Tensor) -> torch.Tensor:
@@ -239,6 +381,8 @@ class VariableSlotAllToAll:
         # In place into fresh zeros: autograd records it, and no second [T, H] copy is made.
         y_TH = expert_out_NH.new_zeros(state["num_tokens"], hidden_size)
         y_TH.index_add_(0, state["token_N"], expert_out_NH)
+        if state.get("anchor") is not None:
+            y_TH = y_TH + state["anchor"]
         return y_TH.view(*state["hidden_shape"][:-1], hidden_size)
 
 

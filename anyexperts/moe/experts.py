@@ -248,25 +248,46 @@ class GroupedExperts(MegatronModule):
             act = self.activation_func(fc1_NF)
         return (act * probs_N.unsqueeze(-1)).to(fc1_NF.dtype)
 
+    def expert_weights(self) -> list[torch.Tensor]:
+        """The stacked [E_local, ...] parameters, in the order forward_with_borrowed takes them."""
+        return [w for w in (self.fc1_weight, self.fc2_weight, self.fc1_bias, self.fc2_bias) if w is not None]
+
     def forward(self, tokens_NH: torch.Tensor, tokens_per_expert, probs_N: torch.Tensor):
         """tokens_NH sorted by local expert, tokens_per_expert its counts (tensor or list), probs_N
         each row's gate. Returns (out_NH, None) with out = p * FFN_e(x) per row."""
+        return self._forward_with(tokens_NH, tokens_per_expert, probs_N, self.expert_weights())
+
+    def forward_with_borrowed(self, tokens_NH: torch.Tensor, tokens_per_expert, probs_N: torch.Tensor,
+                              borrowed: list[torch.Tensor]):
+        """forward() over this rank's experts followed by B borrowed ones: `borrowed` holds one
+        [B, ...] tensor per expert_weights() entry, tokens_per_expert E_local + B counts.
+
+        The borrowed weights are always concatenated, also when B = 0: the graph, and with it
+        the order of the backward's collectives, is then the same on every rank."""
+        weights = [torch.cat([own, extra]) for own, extra in zip(self.expert_weights(), borrowed)]
+        return self._forward_with(tokens_NH, tokens_per_expert, probs_N, weights)
+
+    def _forward_with(self, tokens_NH: torch.Tensor, tokens_per_expert, probs_N: torch.Tensor,
+                      weights: list[torch.Tensor]):
+        fc1_weight, fc2_weight = weights[0], weights[1]
+        fc1_bias, fc2_bias = (weights[2], weights[3]) if len(weights) > 2 else (None, None)
+        num_experts = fc1_weight.shape[0]
         counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
-        if len(counts) != self.num_local_experts or sum(counts) != tokens_NH.shape[0]:
-            raise ValueError(f"tokens_per_expert {counts} does not match {self.num_local_experts} experts "
+        if len(counts) != num_experts or sum(counts) != tokens_NH.shape[0]:
+            raise ValueError(f"tokens_per_expert {counts} does not match {num_experts} experts "
                              f"and {tokens_NH.shape[0]} rows")
         tokens_NH = tokens_NH.contiguous()
         device = tokens_NH.device
         counts_host = torch.tensor(counts, dtype=torch.int64)
         offs = host_to_device(counts_host.cumsum(0).to(torch.int32), device)
-        fc1_NF = self._matmul(tokens_NH, self.fc1_weight, counts, offs)
-        if self.fc1_bias is not None:
-            expert_N = torch.repeat_interleave(torch.arange(self.num_local_experts, device=device),
+        fc1_NF = self._matmul(tokens_NH, fc1_weight, counts, offs)
+        if fc1_bias is not None:
+            expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device),
                                                host_to_device(counts_host, device), output_size=len(tokens_NH))
-            fc1_NF = fc1_NF + self.fc1_bias.index_select(0, expert_N)
+            fc1_NF = fc1_NF + fc1_bias.index_select(0, expert_N)
         act_NF = self._activation(fc1_NF, probs_N)
-        out_NH = self._matmul(act_NF, self.fc2_weight, counts, offs)
-        if self.fc2_bias is not None:
+        out_NH = self._matmul(act_NF, fc2_weight, counts, offs)
+        if fc2_bias is not None:
             # As megatron's expert MLP: the output bias is scaled by the gate too.
-            out_NH = out_NH + self.fc2_bias.index_select(0, expert_N) * probs_N.unsqueeze(-1).to(out_NH.dtype)
+            out_NH = out_NH + fc2_bias.index_select(0, expert_N) * probs_N.unsqueeze(-1).to(out_NH.dtype)
         return out_NH, None

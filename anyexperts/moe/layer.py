@@ -72,6 +72,7 @@ from anyexperts.moe.config import AnyExpertsConfig
 from anyexperts.moe.dispatcher import VariableSlotAllToAll
 from anyexperts.moe.importance import ImportancePredictor
 from anyexperts.moe.losses import AuxLosses, AuxLossTerms
+from anyexperts.moe.rebalance import RebalanceConfig
 from anyexperts.moe.router import AnyExpertsRouter, Routing, count_per_expert, sequence_positions
 
 
@@ -132,7 +133,8 @@ class AnyExpertsMoELayer(BaseMoELayer):
 
     def __init__(self, config: TransformerConfig, submodules: Optional[MoESubmodules] = None,
                  layer_number: Optional[int] = None, pg_collection=None, *,
-                 anyexperts_config: Optional[AnyExpertsConfig] = None) -> None:
+                 anyexperts_config: Optional[AnyExpertsConfig] = None,
+                 rebalance_config: Optional[RebalanceConfig] = None) -> None:
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, layer_number=layer_number, pg_collection=pg_collection)
@@ -174,7 +176,13 @@ class AnyExpertsMoELayer(BaseMoELayer):
         self.router = build_module(router_spec, config=config, pg_collection=pg_collection, anyexperts_config=ae)
         self.experts = build_module(submodules.experts, self.num_local_experts, config, pg_collection=pg_collection)
         ep_group = self.ep_group if self.ep_group is not None and self.ep_group.size() > 1 else None
-        self.token_dispatcher = VariableSlotAllToAll(num_experts=num_experts, ep_group=ep_group)
+        if rebalance_config is not None:
+            rebalance_config.validate(prefix="moe.rebalance.")
+            if rebalance_config.enable and not hasattr(self.experts, "forward_with_borrowed"):
+                raise ValueError(f"moe.rebalance.enable=True needs an expert module that computes with borrowed "
+                                 f"weights (GroupedExperts), not {type(self.experts).__name__}")
+        self.token_dispatcher = VariableSlotAllToAll(num_experts=num_experts, ep_group=ep_group,
+                                                     rebalance=rebalance_config)
         self.virtual_experts = VirtualExperts(kind=ae.virtual_kind, num_virtual_experts=ae.num_virtual_experts,
                                               num_experts=num_experts, hidden_size=config.hidden_size,
                                               init_method=config.init_method, params_dtype=config.params_dtype)
@@ -212,8 +220,7 @@ class AnyExpertsMoELayer(BaseMoELayer):
                               capacity_factor=ae.capacity_factor)
         tokens_NH, tokens_per_expert, probs_N = self.token_dispatcher.dispatch(hidden_TH, plan.expert_TK,
                                                                                routing.gate_TK)
-        expert_out_NH, expert_bias = self.experts(tokens_NH, tokens_per_expert, probs_N)
-        assert expert_bias is None, "expert modules must add their biases themselves"
+        expert_out_NH = self._compute_experts(tokens_NH, tokens_per_expert, probs_N)
         y_TH = self.token_dispatcher.combine(expert_out_NH)
         virtual_TH = self.virtual_experts(hidden_TH, routing)
         if virtual_TH is not None:
@@ -251,6 +258,17 @@ class AnyExpertsMoELayer(BaseMoELayer):
             trace.append(record)
         return y_TH.view(in_shape), None
 
+    def _compute_experts(self, tokens_NH: torch.Tensor, tokens_per_expert, probs_N: torch.Tensor) -> torch.Tensor:
+        plan = self.token_dispatcher.last_plan
+        if plan is not None and plan.active:  # the same on every rank: the plan is global
+            borrowed = self.token_dispatcher.borrow_weights(self.experts.expert_weights())
+            expert_out_NH, expert_bias = self.experts.forward_with_borrowed(tokens_NH, tokens_per_expert, probs_N,
+                                                                           borrowed)
+        else:
+            expert_out_NH, expert_bias = self.experts(tokens_NH, tokens_per_expert, probs_N)
+        assert expert_bias is None, "expert modules must add their biases themselves"
+        return expert_out_NH
+
     @torch.no_grad()
     def _record_stats(self, importance_T: Optional[torch.Tensor], position_T: torch.Tensor, routing: Routing,
                       plan: CapacityPlan, aux: Optional[AuxLosses]) -> None:
@@ -279,6 +297,16 @@ class AnyExpertsMoELayer(BaseMoELayer):
         stats.record(layer, "load_imbalance", tokens_per_expert.max() / tokens_per_expert.mean().clamp(min=1e-12))
         stats.record(layer, "dropped_slots", plan.num_dropped.double(), reduction="sum")
         stats.record(layer, "a2a_bytes", torch.tensor(float(self.token_dispatcher.last_bytes_sent)))
+        plan = self.token_dispatcher.last_plan
+        if plan is not None:
+            # Host numbers of the global plan (the same on every rank), kept beside the other sums.
+            weight_bytes = float(self.token_dispatcher.last_weight_bytes_sent)
+            plan_stats = torch.tensor([plan.imbalance_before, plan.imbalance_after, float(plan.active),
+                                       float(plan.num_moved_slots), weight_bytes], dtype=torch.float64)
+            plan_stats = plan_stats.to(device, non_blocking=True)
+            for name, value in zip(("rank_load_imbalance_before", "rank_load_imbalance_after", "rebalance_active",
+                                    "rebalanced_slots", "rebalance_weight_bytes"), plan_stats):
+                stats.record(layer, name, value)
         if importance_T is not None and self.importance.scale_loss is not None:
             stats.record(layer, "importance_scale_loss", self.importance.scale_loss.detach())
         if aux is not None:

@@ -36,12 +36,13 @@ calculate_per_token_loss; moe_router_topk is unused (K comes from AnyExpertsConf
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Optional, Union
 
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from anyexperts.moe.config import AnyExpertsConfig, ReMoEConfig, TopPConfig
+from anyexperts.moe.rebalance import RebalanceConfig
 
 RoutingConfig = Union[AnyExpertsConfig, TopPConfig, ReMoEConfig]
 
@@ -101,9 +102,11 @@ def _routing_method(routing_config: RoutingConfig) -> tuple[AnyExpertsConfig, Un
 
 def get_anyexperts_moe_spec(routing_config: RoutingConfig, *, use_transformer_engine: bool = False,
                             normalization: str = "RMSNorm",
-                            expert_module: Union[None, type, ModuleSpec] = None) -> ModuleSpec:
+                            expert_module: Union[None, type, ModuleSpec] = None,
+                            rebalance: Optional[RebalanceConfig] = None) -> ModuleSpec:
     """The MLP part alone: ModuleSpec(AnyExpertsMoELayer, MoESubmodules(experts, router)), the
-    router given by the config's type (AnyExperts, top-p or ReMoE)."""
+    router given by the config's type (AnyExperts, top-p or ReMoE); `rebalance` switches on
+    least-loaded expert parallelism (rebalance.py)."""
     from anyexperts.moe.layer import AnyExpertsMoELayer
 
     layer_settings, router = _routing_method(routing_config)
@@ -111,14 +114,15 @@ def get_anyexperts_moe_spec(routing_config: RoutingConfig, *, use_transformer_en
         module=AnyExpertsMoELayer,
         submodules=MoESubmodules(experts=_expert_spec(expert_module, use_transformer_engine, normalization),
                                  router=router),
-        params={"anyexperts_config": layer_settings},
+        params={"anyexperts_config": layer_settings, "rebalance_config": rebalance},
         metainfo={"fuse_pre_mlp_layernorm": False},
     )
 
 
 def get_anyexperts_layer_spec(routing_config: RoutingConfig, *, use_transformer_engine: bool = False,
                               normalization: str = "RMSNorm",
-                              expert_module: Union[None, type, ModuleSpec] = None) -> ModuleSpec:
+                              expert_module: Union[None, type, ModuleSpec] = None,
+                              rebalance: Optional[RebalanceConfig] = None) -> ModuleSpec:
     """A GPT TransformerLayer spec (megatron's local or TE layout) with the AnyExperts MLP."""
     if not isinstance(routing_config, (AnyExpertsConfig, TopPConfig, ReMoEConfig)):
         raise ValueError(f"routing_config must be an AnyExpertsConfig, TopPConfig or ReMoEConfig, "
@@ -127,7 +131,8 @@ def get_anyexperts_layer_spec(routing_config: RoutingConfig, *, use_transformer_
         raise ValueError(f"normalization={normalization!r} must be 'RMSNorm' or 'LayerNorm'")
     base = _base_layer_spec(use_transformer_engine, normalization, te_grouped_gemm=False)
     mlp = get_anyexperts_moe_spec(routing_config, use_transformer_engine=use_transformer_engine,
-                                  normalization=normalization, expert_module=expert_module)
+                                  normalization=normalization, expert_module=expert_module,
+                                  rebalance=rebalance)
     return dataclasses.replace(base, submodules=dataclasses.replace(base.submodules, mlp=mlp))
 
 

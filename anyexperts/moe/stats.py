@@ -34,6 +34,12 @@ virtual_experts_per_token, k_histogram (counts of K = k_min..k_max), importance_
 importance_std, tokens_per_expert (length E: this rank's real slots per global expert after
 capacity), load_imbalance, dropped_slots, load_balance_loss, budget_loss, z_loss (when the
 loss is on), a2a_bytes (bytes this rank sent to other ranks in dispatch + combine).
+With rebalancing on (moe.rebalance.enable, EP > 1), from the step's global plan:
+rank_load_imbalance_before / rank_load_imbalance_after (max / mean slots computed per
+expert-parallel rank without / with the plan), rebalance_active (1 when the plan moved
+slots), rebalanced_slots (slots computed away from their expert's home rank, all ranks),
+rebalance_weight_bytes (expert weight bytes this rank sent to helpers; the gradients come
+back in the same amount).
 """
 
 from __future__ import annotations
