@@ -75,6 +75,10 @@ METHODS: dict[str, list[str]] = {
        for name, overrides in (("unheld_real", ("gate_norm=real", "virtual_target=null", "virtual_bias_rate=0",
                                                  "budget_on_virtual=true")),
                                ("copy", ("virtual_kind=copy",)),
+                               # Which half of the held virtual slots does what: dilution alone, the count alone.
+                               ("all_unheld", ("virtual_target=null", "virtual_bias_rate=0",
+                                               "budget_on_virtual=true")),
+                               ("real_held", ("gate_norm=real",)),
                                ("constant_real", ("virtual_kind=constant", "gate_norm=real")))},
     # The rivals, their controllers holding the same mean real experts per token.
     "topp_b2.0": _rival("topp", 2.0),
