@@ -75,6 +75,7 @@ class DataConfig:
     # canterbury: the Canterbury corpus's English texts (brotli==1.1.0 sdist), likewise.
     # text: a directory of .txt files or a .jsonl file with a `text` field (input_path).
     # prepared: an existing megatron indexed dataset (data_prefix, without .bin/.idx).
+    # digits: scikit-learn's 8x8 digits, image tokens then a caption "digit 7" (data/digits.py).
     source: str = "shakespeare"
     input_path: Optional[str] = None
     data_prefix: Optional[str] = None
@@ -268,7 +269,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
 
     from anyexperts.data.corpus import BUNDLED_CORPORA
 
-    _choice("data.source", data.source, tuple(dict.fromkeys(("shakespeare", "text", "prepared", *BUNDLED_CORPORA))))
+    _choice("data.source", data.source,
+            tuple(dict.fromkeys(("shakespeare", "text", "prepared", "digits", *BUNDLED_CORPORA))))
     for name in data.extra_validation:
         _choice("data.extra_validation entry", name, tuple(BUNDLED_CORPORA))
         if name == data.source:
@@ -284,6 +286,9 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError("data.source=text needs data.input_path (a directory of .txt files or a .jsonl file)")
     if data.source == "prepared" and not data.data_prefix:
         raise ValueError("data.source=prepared needs data.data_prefix (the path of the .bin/.idx pair, without suffix)")
+    if data.source == "digits" and data.tokenizer != "byte":
+        raise ValueError(f"data.tokenizer={data.tokenizer!r}: data.source=digits brings its own tokenizer "
+                         "(caption bytes + pixel tokens); leave data.tokenizer=byte")
     if data.tokenizer == "hf" and not data.tokenizer_path:
         raise ValueError("data.tokenizer=hf needs data.tokenizer_path pointing at a local tokenizer.json")
     weights = [w for w in data.split.split(",")]
