@@ -128,7 +128,7 @@ def test_a_layer_trains_its_modalities_apart():
     (dict(budget_target_by_modality={"audio": 2.0}), "names modality 'audio'"),
     (dict(budget_target_by_modality={"image": 9.0}), "outside \\[k_min=1, k_max=4\\]"),
     (dict(budget_target_by_modality={"image": "low"}), "not a number"),
-    (dict(budget_target_by_modality={}), "is empty"),
+    (dict(budget_target_by_modality=[1.4]), "must map modality names to targets"),
     (dict(budget_coeff=0.0), "needs budget_coeff > 0"),
     (dict(budget_scope="global_batch"), "budget_scope='micro_batch' only"),
     (dict(budget_bias_rate=0.5, budget_target=2.0), "set budget_bias_rate=0"),
