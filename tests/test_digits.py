@@ -127,3 +127,20 @@ def test_custom_arrays_prepare_and_flat_images_are_accepted(tmp_path):
     stats = digits.prepare_digits(tmp_path / "x" / "text_document", images=images, labels=[1, 2, 3])
     assert stats.num_documents == 3 and stats.num_tokens == 3 * 74
     assert len(IndexedDataset(stats.output_prefix)) == 3
+
+
+def test_config_refuses_modality_budgets_without_modalities_and_other_tokenizers():
+    from anyexperts.config import to_dataclass, validate
+    from tests.test_config import compose_cfg
+
+    budget = "moe.anyexperts.budget_target_by_modality={image: 1.4, text: 2.2}"
+    cfg = to_dataclass(compose_cfg("experiment=digits_cpu", budget, "moe.anyexperts.budget_bias_rate=0"))
+    validate(cfg, world_size=2)
+    assert cfg.moe.anyexperts.budget_target_by_modality == {"image": 1.4, "text": 2.2}
+    with pytest.raises(ValueError, match="data.source='shakespeare' is text only"):
+        validate(to_dataclass(compose_cfg("experiment=digits_cpu", budget, "moe.anyexperts.budget_bias_rate=0",
+                                          "data=shakespeare")), world_size=2)
+    with pytest.raises(ValueError, match="budget_target_by_modality=.*set budget_bias_rate=0"):
+        validate(to_dataclass(compose_cfg("experiment=digits_cpu", budget)), world_size=2)
+    with pytest.raises(ValueError, match="data.tokenizer='bpe'.*leave data.tokenizer=byte"):
+        validate(to_dataclass(compose_cfg("experiment=digits_cpu", "data.tokenizer=bpe")), world_size=2)
