@@ -6,6 +6,7 @@ megatron indexed data; modalities from token ids line up after packing; clear er
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy
@@ -144,3 +145,35 @@ def test_config_refuses_modality_budgets_without_modalities_and_other_tokenizers
         validate(to_dataclass(compose_cfg("experiment=digits_cpu", budget)), world_size=2)
     with pytest.raises(ValueError, match="data.tokenizer='bpe'.*leave data.tokenizer=byte"):
         validate(to_dataclass(compose_cfg("experiment=digits_cpu", "data.tokenizer=bpe")), world_size=2)
+
+
+def test_bench_digits_reads_runs_into_per_modality_rows(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_digits
+
+    def write(run_dir, record):
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n" + json.dumps(record) + "\n")
+
+    final = {"step": 10, "loss": 2.0, "val_loss": 1.5, "caption_accuracy": 0.5, "caption_loss": 1.0,
+             "moe/real_experts_per_token/layer1": 2.0, "moe/real_experts_per_token/layer2": 2.0,
+             "moe/real_experts_per_token/image/layer1": 1.8, "moe/real_experts_per_token/image/layer2": 1.6,
+             "moe/real_experts_per_token/text/layer1": 2.9, "moe/real_experts_per_token/text/layer2": 3.0}
+    write(tmp_path / "a_s0", final)
+    write(tmp_path / "top_s0", {"step": 10, "loss": 2.0, "val_loss": 1.6, "caption_accuracy": 0.4,
+                                "moe/real_experts_per_token/layer1": 2.0})
+    row = bench_digits.extract_run(tmp_path / "a_s0", 10, topk=None)
+    assert row["real_image"] == pytest.approx(1.7) and row["real_text"] == pytest.approx(2.95)
+    assert row["caption_accuracy"] == 0.5 and "trace_real_ink_pixels" not in row
+    top = bench_digits.extract_run(tmp_path / "top_s0", 10, topk=2)
+    # megatron's top-k computes k for every token: its split is k by construction.
+    assert top["real_image"] == top["real_text"] == top["trace_real_background_pixels"] == 2.0
+    aggregated = bench_digits.aggregate("top2", [{"seed": 0, **top}, {"seed": 1, **top}])
+    assert aggregated["caption_accuracy"]["mean"] == pytest.approx(0.4) and aggregated["seeds"] == [0, 1]
+    bench_digits.print_table([aggregated])
+    assert "0.400 ± 0.000" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no validation record at step 20"):
+        bench_digits.extract_run(tmp_path / "a_s0", 20, topk=None)
