@@ -177,3 +177,28 @@ def test_bench_digits_reads_runs_into_per_modality_rows(tmp_path, capsys):
     assert "0.400 ± 0.000" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no validation record at step 20"):
         bench_digits.extract_run(tmp_path / "a_s0", 20, topk=None)
+
+
+def test_digit_picture_and_pixel_summary_from_a_trace(tmp_path):
+    from anyexperts.training.digit_pictures import complete_images, draw_digit_allocation, pixel_allocation_summary
+
+    tokenizer = digits.DigitsTokenizer()
+    images, labels = digits.load_digits_arrays()
+    sample = tokenizer.tokenize_sample(images[0], labels[0]) + tokenizer.tokenize_sample(images[1], labels[1])
+    tokens_BS = torch.tensor([sample[:100], sample[40:140]])  # the second row holds only one whole image
+    batch, seq = tokens_BS.shape
+    assert [(b, s) for b, s in complete_images(tokens_BS)] == [(0, 0), (1, 34)]
+    tokens_T = tokens_BS.t().reshape(-1)
+    background_T = tokens_T == digits.PIXEL_BASE
+    # Two real experts on background pixels, three on everything else; one slot column more, unused.
+    expert_ids_TK = torch.tensor([0, 1, 2, -1]).repeat(len(tokens_T), 1)
+    expert_ids_TK[background_T, 2] = 4  # a virtual entry (E = 4)
+    record = dict(layer_number=1, tokens=tokens_T, seq_length=seq, k=torch.full((len(tokens_T),), 3),
+                  importance=background_T.float(), expert_ids=expert_ids_TK,
+                  dropped_mask=torch.zeros(len(tokens_T), 4, dtype=torch.bool), num_experts=4)
+    (summary,) = pixel_allocation_summary([record])
+    assert summary == {"layer": 1, "background_pixels": 2.0, "ink_pixels": 3.0, "image_markers": 3.0, "text": 3.0}
+    png = draw_digit_allocation([record], tmp_path / "digit_allocation.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no digit images"):
+        draw_digit_allocation([dict(record, tokens=torch.zeros_like(tokens_T))], tmp_path / "none.png")

@@ -94,7 +94,7 @@ def draw_digit_allocation(trace: list[dict], png: Path, *, max_images: int = 8) 
         values_BS = tokens_BS if kind == "pixels" else _batch_major(record, kind)
         for col, (b, s) in enumerate(images):
             ax = axes[row, col]
-            grid = values_BS[b, s + 1:s + 1 + digits.NUM_PIXELS].reshape(side, side).float()
+            grid = values_BS[b, s + 1:s + 1 + digits.NUM_PIXELS].reshape(side, side).float().numpy()
             if kind == "pixels":
                 shown = ax.imshow(grid - digits.PIXEL_BASE, cmap="gray_r", vmin=0, vmax=digits.NUM_GREY_LEVELS - 1)
                 ax.set_title(f"digit {_caption_digit(tokens_BS, b, s)}", fontsize=8)
