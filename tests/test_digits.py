@@ -51,6 +51,9 @@ def test_corpus_builds_from_bundled_digits(prepared):
         numpy.testing.assert_array_equal(tokens[1:65] - digits.PIXEL_BASE, images[image_index].reshape(-1))
         assert tokenizer.detokenize(tokens[66:]) == f"digit {labels[image_index]}<|endoftext|>"
     assert tokenizer.vocab_size == digits.VOCAB_SIZE == 276
+    info = json.loads(open(f"{prefix}.info.json").read())
+    assert info["source"] == "sklearn.datasets.load_digits" and info["num_tokens"] == 1797 * 74
+    assert info["tokenizer"]["class"].endswith("DigitsTokenizer")
     # A second call reuses the files.
     again, _ = ensure_prepared(data_cfg(prefix.rsplit("/prepared/", 1)[0]), show_progress=False)
     assert again == prefix

@@ -25,6 +25,7 @@ no validation image is ever trained on.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections import OrderedDict
@@ -137,7 +138,7 @@ def prepare_digits(output_prefix, *, images=None, labels=None):
     in the order of a fixed shuffle. images/labels default to scikit-learn's digits."""
     from megatron.core.datasets import indexed_dataset
 
-    from anyexperts.data.prepare import PrepareStats, _publish, _write_info, token_dtype
+    from anyexperts.data.prepare import PrepareStats, _publish, token_dtype
 
     if images is None and labels is None:
         images, labels = load_digits_arrays()
@@ -160,7 +161,7 @@ def prepare_digits(output_prefix, *, images=None, labels=None):
             stats.num_documents += 1
             stats.num_tokens += len(tokens)
         builder.finalize(f"{tmp_prefix}.idx")
-        _write_info(f"{tmp_prefix}.info.json", stats, tokenizer, SOURCE_NAME)
+        _write_info(f"{tmp_prefix}.info.json", stats, tokenizer)
         _publish(tmp_prefix, output_prefix)
     except BaseException:
         builder.data_file.close()
@@ -169,6 +170,15 @@ def prepare_digits(output_prefix, *, images=None, labels=None):
         raise
     stats.files = [f"{output_prefix}{suffix}" for suffix in (".bin", ".info.json", ".idx")]
     return stats
+
+
+def _write_info(path: str, stats, tokenizer: DigitsTokenizer) -> None:
+    # The same "tokenizer" record as the text corpora's, so a run with another tokenizer is refused.
+    info = {"tokenizer": dict(tokenizer.unique_identifiers), "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
+            "source": SOURCE_NAME, "shuffle_seed": SHUFFLE_SEED, "num_documents": stats.num_documents,
+            "num_tokens": stats.num_tokens, "dtype": stats.dtype}
+    with open(path, "w") as handle:
+        json.dump(info, handle, indent=2)
 
 
 def caption_positions(tokens_BS: torch.Tensor) -> torch.Tensor:
