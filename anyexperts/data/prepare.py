@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 Tokenizer = Union[ByteTokenizer, HFTokenizer]
 
-DATA_SOURCES = ("shakespeare", "text", "prepared", "canterbury")
+DATA_SOURCES = ("shakespeare", "text", "prepared", "canterbury", "digits")
 PREPARED_NAME = "text_document"
 TOKENIZER_FILE = "tokenizer.json"
 # Inputs smaller than this tokenize in about a second: no progress bar.
@@ -277,6 +277,9 @@ def ensure_prepared(data_cfg: Any, *, show_progress: bool = True) -> tuple[str, 
       `<cache_dir>/prepared/<name>-<hash>/text_document`, the hash covering the absolute
       path, every file's size and mtime, the JSONL field and the tokenizer, so an edited
       corpus is prepared anew.
+    - source=digits: scikit-learn's bundled 8x8 digits, image tokens then a caption
+      (anyexperts/data/digits.py), prepared into `<cache_dir>/prepared/digits/text_document`;
+      the tokenizer is its DigitsTokenizer (data.tokenizer must stay byte).
     - source=prepared: `data.data_prefix` as is (both files must exist). For hf/bpe the
       tokenizer is `data.tokenizer_path`, else the tokenizer.json next to the prefix.
     tokenizer=bpe trains on the corpus and keeps tokenizer.json in the prepared folder.
@@ -290,6 +293,8 @@ def ensure_prepared(data_cfg: Any, *, show_progress: bool = True) -> tuple[str, 
         return _use_prepared(data_cfg)
     if data_cfg.source not in DATA_SOURCES:
         raise ValueError(f"data.source={data_cfg.source!r} is not supported; choose one of {', '.join(DATA_SOURCES)}")
+    if data_cfg.source == "digits":
+        return _ensure_digits_prepared(data_cfg)
 
     cache_dir = resolve_cache_dir(data_cfg.cache_dir)
     tokenizer_path = getattr(data_cfg, "tokenizer_path", None)
@@ -329,6 +334,25 @@ def ensure_prepared(data_cfg: Any, *, show_progress: bool = True) -> tuple[str, 
             stats = prepare_corpus(input_path, prefix, tokenizer, jsonl_field=jsonl_field,
                                    show_progress=show_progress, exclude_names=exclude_names)
             log.info("Prepared %s", stats.summary())
+    return str(prefix), tokenizer
+
+
+def _ensure_digits_prepared(data_cfg: Any) -> tuple[str, Tokenizer]:
+    """source=digits: scikit-learn's digits as image + caption documents (data/digits.py),
+    in `<cache_dir>/prepared/digits/text_document`, with their own tokenizer."""
+    from anyexperts.data.digits import DigitsTokenizer, prepare_digits
+
+    if data_cfg.tokenizer != "byte":
+        raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r}: data.source=digits brings its own tokenizer "
+                         "(caption bytes + pixel tokens); leave data.tokenizer=byte")
+    tokenizer = DigitsTokenizer()
+    out_dir = resolve_cache_dir(data_cfg.cache_dir) / "prepared" / "digits"
+    prefix = out_dir / PREPARED_NAME
+    with file_lock(out_dir / ".lock"):
+        if is_prepared(prefix) and _recorded_tokenizer(prefix) in (None, _identity(tokenizer)):
+            log.info("Reusing prepared data %s", prefix)
+        else:
+            log.info("Prepared %s", prepare_digits(prefix).summary())
     return str(prefix), tokenizer
 
 

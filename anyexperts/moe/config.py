@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 K_ROUNDINGS = ("straight_through", "fractional", "nearest", "dither")
@@ -57,6 +57,13 @@ class AnyExpertsConfig:
     budget_coeff: float = 1e-1
     # Target mean real experts per token; None means no budget term.
     budget_target: Optional[float] = None
+    # Per-modality targets, e.g. {image: 1.4, text: 2.2}: the budget term then holds each
+    # modality's mean real experts per token at its own target (tokens of a modality not
+    # listed follow budget_target, or no term when it is None). Needs each token's modality
+    # (token_info.py) in training forwards. None (or empty) = one budget for every token.
+    # Typed Any: OmegaConf merges a command-line dict into neither a None nor a struct Dict
+    # node; validate() checks the names and numbers instead.
+    budget_target_by_modality: Optional[Any] = None
     # micro_batch: the budget term over this rank's micro-batch; global_batch: over the
     # data-parallel ranks and the micro-batches of the step so far (losses.py).
     budget_scope: str = "micro_batch"  # micro_batch | global_batch
@@ -139,6 +146,32 @@ class AnyExpertsConfig:
             fail("budget_target", f"must lie in [k_min={self.k_min}, k_max={self.k_max}]")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             fail("capacity_factor", "must be > 0 (or null for no capacity limit)")
+        if self.budget_target_by_modality:
+            self._validate_budget_by_modality(fail)
+
+    def _validate_budget_by_modality(self, fail) -> None:
+        from anyexperts.moe.token_info import MODALITY_NAMES
+
+        name = "budget_target_by_modality"
+        targets = self.budget_target_by_modality
+        if not hasattr(targets, "items"):
+            fail(name, "must map modality names to targets, e.g. {image: 1.4, text: 2.2}")
+        for modality, target in dict(targets).items():
+            if modality not in MODALITY_NAMES:
+                fail(name, f"names modality {modality!r}; modalities are {', '.join(MODALITY_NAMES)}")
+            if isinstance(target, bool) or not isinstance(target, (int, float)):
+                fail(name, f"gives {modality!r} the target {target!r}, not a number")
+            if not self.k_min <= target <= self.k_max:
+                fail(name, f"gives {modality!r} the target {target}, outside [k_min={self.k_min}, k_max={self.k_max}]")
+        if self.k_max == self.k_min:
+            fail(name, f"needs a range of K to budget: k_min = k_max = {self.k_min}")
+        if self.budget_coeff <= 0:
+            fail(name, "needs budget_coeff > 0 (the per-modality targets act through the budget term)")
+        if self.budget_scope != "micro_batch":
+            fail(name, "supports budget_scope='micro_batch' only")
+        if self.budget_bias_rate > 0:
+            fail(name, "cannot be combined with budget_bias_rate > 0: the integral controller holds one "
+                       "target for all tokens; set budget_bias_rate=0")
 
 
 def _check_shared(config, *, num_experts: int, prefix: str) -> int:

@@ -23,7 +23,10 @@ experts, V virtual experts, K = k_max slot columns):
   -> virtual     zero / copy (g h) / constant (g (a1 h + a2 v)), on rank  layer.py (VirtualExperts)
   -> fusion      out = y + alpha * w * h                                  layer.py
   aux losses (load balance, budget, z) attached to out                   losses.py
-  statistics and routing traces                                          stats.py, trace.py
+  statistics and routing traces (split by modality with a TokenInfo)    stats.py, trace.py
+
+Per-token side information (the modality of each token) comes from token_info.current(): a
+TokenInfo set around the forward (token_info.use, or token_info.attach's hooks on the model).
 
 The router is submodules.router: AnyExpertsRouter (router.py) by default, or a rival routing
 method (routers/: TopPRouter, ReLURouter; get_anyexperts_moe_spec picks it from the config's
@@ -65,7 +68,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_de
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from anyexperts.moe import allocation, stats, trace
+from anyexperts.moe import allocation, stats, token_info, trace
 from anyexperts.moe.allocation import LEARNED_ROUNDINGS, POSITIONAL_ROUNDINGS
 from anyexperts.moe.capacity import CapacityPlan, apply_capacity
 from anyexperts.moe.config import AnyExpertsConfig
@@ -205,6 +208,8 @@ class AnyExpertsMoELayer(BaseMoELayer):
         hidden_TH = hidden_states.reshape(-1, in_shape[-1])
         ae, num_experts = self.ae, self.config.num_moe_experts
 
+        info = token_info.current()
+        modality_T = info.modality_for(hidden_TH.shape[0], hidden_TH.device) if info is not None else None
         importance_T = self.importance(hidden_TH) if self.importance is not None else None
         # Position s of each row of [S, B, H] (row order s * B + b): the dither and the statistics use it.
         position_T = sequence_positions(in_shape, device=hidden_TH.device)
@@ -234,7 +239,7 @@ class AnyExpertsMoELayer(BaseMoELayer):
             if self.aux_losses.enabled:
                 aux = self.aux_losses(logits_TX=routing.logits_TX, real_expert_TK=routing.real_expert_TK,
                                       importance_T=importance_T, num_real_counted_T=routing.num_real_counted_T,
-                                      num_slots_T=routing.num_slots_T)
+                                      num_slots_T=routing.num_slots_T, token_info=info)
                 if aux.attached is not None:
                     attached.append(aux.attached)
             # As AuxLossTerms does: megatron's per-token loss divides every gradient by the token count.
@@ -249,12 +254,17 @@ class AnyExpertsMoELayer(BaseMoELayer):
                 self.importance.count_for_budget(routing.num_real_counted_T)
         if stats.should_record(self.training) and hidden_TH.shape[0] > 0:
             self._record_stats(importance_T, position_T, routing, plan, aux)
+            if modality_T is not None:
+                stats.record_by_modality(self.layer_number or 0, modality_T, info.names, routing=routing,
+                                         importance_T=importance_T, slot_range=self.router.slot_range)
         if trace.is_active():
             record = dict(layer_number=self.layer_number, k=routing.num_slots_T,
                           expert_ids=routing.entry_TK, virtual_mask=routing.is_virtual_TK,
                           dropped_mask=plan.dropped_TK, gates=routing.gate_TK.float(), num_experts=num_experts)
             if importance_T is not None:
                 record["importance"] = importance_T
+            if modality_T is not None:
+                record["modality"] = modality_T
             trace.append(record)
         return y_TH.view(in_shape), None
 

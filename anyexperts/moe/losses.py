@@ -33,6 +33,11 @@ Terms (T tokens on this rank, E real experts, K_i slots, p = softmax over the re
   `budget_scope` micro_batch: means over this rank's micro-batch; global_batch: over the
   data-parallel ranks and the micro-batches so far, which keeps the global variant exact
   across ranks at the price of one scalar in the all-reduce. Off when k_min == k_max.
+  With `budget_target_by_modality` (micro-batch scope), each modality m has its own
+  deviation (R_m - t_m) / span, R_m the mean over that modality's tokens of the micro-batch,
+  and each token's w is pushed by its own modality's deviation; the logged term is the
+  token-weighted mean of the squared deviations. The modalities come from the TokenInfo
+  around the forward (token_info.py).
 - router z-loss: mean over tokens of logsumexp(all E + V logits)^2 (ST-MoE).
 
 With tensor/context parallel groups larger than 1 (tokens split across tp x cp ranks, as
@@ -52,6 +57,7 @@ Trainer API:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
@@ -117,7 +123,8 @@ class AuxLossTerms(nn.Module):
     @property
     def uses_budget(self) -> bool:
         ae = self.ae
-        return ae.budget_coeff > 0 and ae.budget_target is not None and ae.k_max > ae.k_min
+        has_target = ae.budget_target is not None or bool(ae.budget_target_by_modality)
+        return ae.budget_coeff > 0 and has_target and ae.k_max > ae.k_min
 
     @property
     def enabled(self) -> bool:
@@ -140,7 +147,8 @@ class AuxLossTerms(nn.Module):
         return torch.cat([counts_E, counts_E.sum().view(1), num_real_counted_T.double().sum().view(1), num_tokens])
 
     def forward(self, *, logits_TX: torch.Tensor, real_expert_TK: torch.Tensor, importance_T: Optional[torch.Tensor],
-                num_real_counted_T: torch.Tensor, num_slots_T: Optional[torch.Tensor] = None) -> AuxLosses:
+                num_real_counted_T: torch.Tensor, num_slots_T: Optional[torch.Tensor] = None,
+                token_info=None) -> AuxLosses:
         """importance_T may be None only without the budget term (a router with no importance)."""
         ae, num_experts = self.ae, self.num_experts
         num_local_tokens = real_expert_TK.shape[0]
@@ -171,8 +179,6 @@ class AuxLossTerms(nn.Module):
             sums = self.global_sums if ae.budget_scope == "global_batch" else micro_sums
             num_tokens = sums[num_experts + 2].clamp(min=1)
             dtype = importance_T.dtype  # float32, or float64 in float64 models
-            mean_real = (sums[num_experts + 1] / num_tokens).to(dtype)
-            deviation = (mean_real - ae.budget_target) / (ae.k_max - ae.k_min)
             span = ae.k_max - ae.k_min
             pressure_T = importance_T
             num_virtual = logits_TX.shape[-1] - num_experts
@@ -181,9 +187,16 @@ class AuxLossTerms(nn.Module):
                 # router's virtual mass (softmax over E + V), moves the real count by -K_i q_i.
                 virtual_mass_T = torch.softmax(_at_least_fp32(logits_TX), dim=-1)[:, num_experts:].sum(-1)
                 pressure_T = importance_T - virtual_mass_T.to(dtype) * num_slots_T.to(dtype) / span
-            local_mean_pressure = pressure_T.sum() / max(num_local_tokens * scope_size, 1)
-            terms.append(ae.budget_coeff * 2.0 * deviation * local_mean_pressure)
-            logged["budget"] = deviation.square()
+            if ae.budget_target_by_modality:
+                term, logged["budget"] = self._budget_by_modality(token_info, num_real_counted_T, pressure_T,
+                                                                  scope_size)
+                terms.append(ae.budget_coeff * term)
+            else:
+                mean_real = (sums[num_experts + 1] / num_tokens).to(dtype)
+                deviation = (mean_real - ae.budget_target) / span
+                local_mean_pressure = pressure_T.sum() / max(num_local_tokens * scope_size, 1)
+                terms.append(ae.budget_coeff * 2.0 * deviation * local_mean_pressure)
+                logged["budget"] = deviation.square()
         if ae.z_loss_coeff > 0:
             value = z_loss(logits_TX) / scope_size
             terms.append(ae.z_loss_coeff * value)
@@ -196,6 +209,36 @@ class AuxLossTerms(nn.Module):
                 attached = attached * num_local_tokens
         return AuxLosses(attached=attached, load_balance=logged.get("load_balance"), budget=logged.get("budget"),
                          z=logged.get("z"))
+
+
+    def _budget_by_modality(self, info, num_real_counted_T: torch.Tensor, pressure_T: torch.Tensor,
+                            scope_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(graph term, logged term) of the micro-batch budget with a target per modality: the
+        same linearised push as the single budget, each token's from its own modality's deviation
+        (R_m - t_m) / span; logged: the token-weighted mean of the squared deviations."""
+        ae = self.ae
+        if info is None:
+            raise ValueError("budget_target_by_modality needs the modality of every token, but this training "
+                             "forward has none: set it with anyexperts.moe.token_info.use(...) or attach(...)")
+        span = ae.k_max - ae.k_min
+        num_tokens = num_real_counted_T.shape[0]
+        modality_T = info.modality_for(num_tokens, pressure_T.device)
+        fallback = math.nan if ae.budget_target is None else float(ae.budget_target)
+        targets_M = torch.tensor([float(ae.budget_target_by_modality.get(name, fallback)) for name in info.names],
+                                 dtype=torch.float64, device=pressure_T.device)
+        with torch.no_grad():
+            one_hot_TM = torch.nn.functional.one_hot(modality_T, len(info.names)).to(torch.float64)
+            sums_2M = torch.stack([one_hot_TM.sum(0), num_real_counted_T.double() @ one_hot_TM])
+            if scope_size > 1:
+                dist.all_reduce(sums_2M, group=self.scope_group)
+            mean_real_M = sums_2M[1] / sums_2M[0].clamp(min=1)
+            # Modalities without a target (NaN) or without tokens push nothing.
+            deviation_M = torch.where(torch.isfinite(targets_M) & (sums_2M[0] > 0),
+                                      (mean_real_M - targets_M) / span, torch.zeros_like(mean_real_M))
+            logged = (deviation_M.square() * sums_2M[0]).sum() / sums_2M[0].sum().clamp(min=1)
+        deviation_T = deviation_M[modality_T].to(pressure_T.dtype)
+        term = 2.0 * (deviation_T * pressure_T).sum() / max(num_tokens * scope_size, 1)
+        return term, logged.to(pressure_T.dtype)
 
 
 # ------------------------------------------------------------------------------------

@@ -40,6 +40,13 @@ expert-parallel rank without / with the plan), rebalance_active (1 when the plan
 slots), rebalanced_slots (slots computed away from their expert's home rank, all ranks),
 rebalance_weight_bytes (expert weight bytes this rank sent to helpers; the gradients come
 back in the same amount).
+
+With a TokenInfo (token_info.py) around the forward, also per modality m (e.g. text, image):
+real_experts_per_token/<m>, virtual_experts_per_token/<m>, slots_per_token/<m>,
+importance_mean/<m> (means over that modality's tokens of the interval and group, exact:
+derived from sums), modality_tokens/<m> (their count) and k_histogram/<m>. Weighted by
+modality_tokens they average to the overall statistics (which are means over forwards, so
+the two agree exactly when every forward holds the same number of tokens, as in training).
 """
 
 from __future__ import annotations
@@ -99,6 +106,7 @@ class StatsSink:
             out.setdefault(name, {})[layer] = value.float().cpu()
         for layer, loads in out.get("tokens_per_expert", {}).items():
             out.setdefault("load_imbalance_global", {})[layer] = loads.max() / loads.mean().clamp(min=1e-12)
+        _derive_modality_statistics(out)
         for layer, moments in out.pop("k_slot_moments", {}).items():
             for name, value in _slot_statistics(moments.double(), out.get("k_histogram", {}).get(layer)).items():
                 out.setdefault(name, {})[layer] = value.float()
@@ -126,6 +134,29 @@ def _slot_statistics(moments: torch.Tensor, k_histogram) -> dict[str, torch.Tens
     return result
 
 
+# Per-modality sums over tokens: [tokens, real slots, virtual slots, slots, importance].
+_MODALITY_MOMENTS = "modality_moments/"
+
+
+def _derive_modality_statistics(out: dict[str, dict[int, torch.Tensor]]) -> None:
+    """Turns the summed `modality_moments/<m>` into token-weighted means per modality."""
+    for name in [n for n in out if n.startswith(_MODALITY_MOMENTS)]:
+        modality = name[len(_MODALITY_MOMENTS):]
+        for layer, moments in out.pop(name).items():
+            moments = moments.double()
+            num_tokens = moments[0]
+            # A modality absent from the interval has no mean: report nothing rather than 0.
+            if num_tokens <= 0:
+                continue
+            derived = {"modality_tokens": num_tokens, "real_experts_per_token": moments[1] / num_tokens,
+                       "virtual_experts_per_token": moments[2] / num_tokens,
+                       "slots_per_token": moments[3] / num_tokens}
+            if layer in out.get("importance_mean", {}):
+                derived["importance_mean"] = moments[4] / num_tokens
+            for stat, value in derived.items():
+                out.setdefault(f"{stat}/{modality}", {})[layer] = value.float()
+
+
 _SINK = StatsSink()
 
 
@@ -144,6 +175,23 @@ def record_slot_moments(layer_number: int, num_slots_T: torch.Tensor, position_T
     k_T, s_T = num_slots_T.double(), position_T.to(device=num_slots_T.device, dtype=torch.float64)
     moments = torch.stack([torch.ones_like(k_T), k_T, k_T * k_T, s_T, s_T * s_T, k_T * s_T]).sum(-1)
     _SINK.record(layer_number, "k_slot_moments", moments, reduction="sum")
+
+
+def record_by_modality(layer_number: int, modality_T: torch.Tensor, names, *, routing, importance_T, slot_range) -> None:
+    """Sums per modality (collect derives `<stat>/<modality>` means from them: token-weighted,
+    so over the modalities they average back to the overall statistics) and `k_histogram/<m>`."""
+    min_slots, max_slots = slot_range
+    num_real_T, num_slots_T = routing.num_real_T.double(), routing.num_slots_T
+    per_token_TX = torch.stack([torch.ones_like(num_real_T), num_real_T, routing.num_virtual_T.double(),
+                                num_slots_T.double(),
+                                importance_T.double() if importance_T is not None else torch.zeros_like(num_real_T)],
+                               dim=-1)
+    for index, name in enumerate(names):
+        in_modality_T = (modality_T == index).to(torch.float64)
+        _SINK.record(layer_number, f"{_MODALITY_MOMENTS}{name}", in_modality_T @ per_token_TX, reduction="sum")
+        k_histogram = torch.zeros(max_slots - min_slots + 1, dtype=torch.float64, device=num_slots_T.device)
+        k_histogram.scatter_add_(0, num_slots_T - min_slots, in_modality_T)
+        _SINK.record(layer_number, f"k_histogram/{name}", k_histogram, reduction="sum")
 
 
 def reset() -> None:

@@ -16,6 +16,8 @@ with CPU tensors (T = tokens of that forward, in the layer's [seq * batch] order
     dropped_mask   bool    [T, K]   True on real slots dropped by the capacity limit
     gates          float32 [T, K]
     num_experts    int              E (to tell real from virtual ids)
+    modality       int64   [T]      the token's modality index, when a TokenInfo was set
+                                    around the forward (token_info.py)
 Traces copy to the host, so they are for analysis runs, not for every training step.
 Nested routing_trace() blocks each get every record.
 """

@@ -14,6 +14,8 @@ last two, which the trainer's traces carry):
                              character's background coloured by its K, and by its importance w
                              where the router has one, one panel per layer
     real_experts_by_class.png  real experts per token (not dropped) by byte-tokenizer class
+    digit_allocation.png     data=digits only: importance w and K over the 8x8 grid of the
+                             validation digits of the trace (digit_pictures.py)
 
 matplotlib (Agg backend, no display) is imported only when something is drawn.
 """
@@ -286,7 +288,12 @@ def draw_trace_pictures(trace_path: Optional[Path], out_dir: Path, prefix: str =
         return [], [f"{prefix}{name}: {trace_path} holds no layer records (megatron's moe=topk layer is not traced)"
                     for name in names]
     written, skipped = [], []
-    for name, draw in zip(names, (draw_k_histogram, draw_text_allocation, draw_real_experts_by_class)):
+    draws = [draw_k_histogram, draw_text_allocation, draw_real_experts_by_class]
+    from anyexperts.training.digit_pictures import draw_digit_allocation, is_digits_trace
+
+    if is_digits_trace(trace):
+        names, draws = (*names, "digit_allocation.png"), [*draws, draw_digit_allocation]
+    for name, draw in zip(names, draws):
         try:
             written.append(draw(trace, Path(out_dir) / f"{prefix}{name}"))
         except ValueError as err:

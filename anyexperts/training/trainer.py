@@ -4,7 +4,9 @@ Called by `python -m launcher.train` once torch.distributed is up on every rank
 (see launcher/bootstrap.py). One global batch per step: gradient accumulation over
 micro-batches, one gradient all-reduce (megatron DDP), clipping, an optimizer step and a
 scheduler step; validation loss every `trainer.eval_interval` steps, and with
-`data.extra_validation` the loss on each of those corpora too (`val_loss/<name>`).
+`data.extra_validation` the loss on each of those corpora too (`val_loss/<name>`); on
+data=digits also caption_accuracy and caption_loss (training/captions.py), and the MoE
+layers get each token's modality (moe/token_info.py) for statistics split by modality.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import torch
 import torch.distributed as dist
 
 from anyexperts import cpu_support
-from anyexperts.config import TrainConfig
+from anyexperts.config import MODALITY_SOURCES, TrainConfig
 from anyexperts.training.batches import BatchLayout, micro_batches
 from anyexperts.training.metrics import MetricsLogger
-from anyexperts.moe import allocation, stats
+from anyexperts.moe import allocation, stats, token_info
 from anyexperts.moe.losses import reset_global_batch_state, update_selection_biases
 from anyexperts.moe.trace import routing_trace, save_trace
 from anyexperts.training import allocation_eval, moe_metrics
+from anyexperts.training.captions import CaptionMetrics, logits_and_per_token_loss
 from anyexperts.training.optim import build_optimizer, build_scheduler, current_lr, wrap_ddp
 from anyexperts.training.checkpoint import Checkpointer  # issue 5
 from anyexperts.training.signals import StopSignal, debug_hooks, signal_name  # issue 5
@@ -179,6 +182,15 @@ def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, ev
     model.eval()
     diagnose = _allocates_variable_k(cfg)
     correlation = allocation_eval.ImportanceLossCorrelation()
+    captions = CaptionMetrics(_device()) if cfg.data.source == "digits" else None
+
+    def forward(batch: dict, *, record: bool) -> torch.Tensor:
+        if captions is None:
+            return _per_token_loss(model, batch)
+        logits_BSV, per_token_loss = logits_and_per_token_loss(model, batch)
+        if record:
+            captions.add(batch, logits_BSV, per_token_loss)
+        return per_token_loss
 
     def run_pass(*, record: bool) -> float:
         loss_sum = torch.zeros((), device=_device())
@@ -190,7 +202,7 @@ def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, ev
                 save_here = record and trace_path is not None and it == 0 and micro == 0
                 if (record and diagnose) or save_here:
                     with routing_trace() as trace:
-                        per_token_loss = _per_token_loss(model, batch)
+                        per_token_loss = forward(batch, record=record)
                     if record and diagnose:
                         correlation.add(trace, per_token_loss, batch["loss_mask"])
                     if save_here:
@@ -201,7 +213,7 @@ def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, ev
                             entry["seq_length"] = batch["tokens"].shape[1]
                         save_trace(trace, trace_path)
                 else:
-                    per_token_loss = _per_token_loss(model, batch)
+                    per_token_loss = forward(batch, record=record)
                 mask = batch["loss_mask"].to(per_token_loss.dtype)
                 loss_sum += (per_token_loss.float() * mask).sum()
                 num_tokens += mask.sum()
@@ -211,6 +223,8 @@ def evaluate(model, dataset, cfg: TrainConfig, layout: BatchLayout, dp_group, ev
         with stats.separate_sink(enabled=diagnose) as sink:
             val_loss = run_pass(record=True)
         result = EvalResult(val_loss=val_loss)
+        if captions is not None:
+            result.scalars.update(captions.collect(group=dp_group))
         if diagnose:
             result.scalars.update(allocation_eval.validation_stat_scalars(sink.collect(group=dp_group)))
             result.scalars.update(correlation.collect(group=dp_group))
@@ -269,6 +283,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
     extra_validation = build_extra_validation(cfg, tokenizer)
 
     model = build_model(cfg, tokenizer.vocab_size)
+    if cfg.data.source in MODALITY_SOURCES:
+        from anyexperts.data.digits import modality_of_tokens
+
+        # Every forward (training, validation, extra validation) tells the MoE layers its tokens' modalities.
+        token_info.attach(model, modality_of_tokens)
     if cfg.moe.kind == "topk":
         moe_metrics.attach_topk_router_hooks(model)
     counts = count_parameters(model)
