@@ -56,6 +56,9 @@ def _rival(kind: str, budget: float) -> list[str]:
     return [f"moe={kind}", f"moe.{kind}.target_real_experts={budget}"]
 
 
+_HELD = ("gate_norm=all", "virtual_target=0.2", "virtual_bias_rate=0.5", "budget_on_virtual=false")
+
+
 def _virtual_variant(budget: float, k_max: int, *overrides: str) -> list[str]:
     return [*_anyexperts("straight_through", budget, k_max), *(f"moe.anyexperts.{o}" for o in overrides)]
 
@@ -67,19 +70,15 @@ METHODS: dict[str, list[str]] = {
     **{f"{rounding}_b{budget}": _anyexperts(rounding, budget, k_max)
        for budget, k_max in ((1.8, 3), (2.0, 4))
        for rounding in ("fractional", "straight_through", "dither")},
-    # Ablations of the virtual slots (moe=anyexperts: zero experts, gates over every selected
-    # entry, their count held at virtual_target): the earlier default, whose zero experts with
-    # gates over real entries only get no gradient from the loss; MoE++'s copy / constant experts.
+    # Virtual slots the loss trains: zero experts with gates over every selected entry, their count
+    # held at 0.2 per token (virtual_held); its halves alone; MoE++'s copy / constant experts, held.
     **{f"virtual_{name}_b{budget}": _virtual_variant(budget, k_max, *overrides)
        for budget, k_max in ((1.8, 3), (2.0, 4))
-       for name, overrides in (("unheld_real", ("gate_norm=real", "virtual_target=null", "virtual_bias_rate=0",
-                                                 "budget_on_virtual=true")),
-                               ("copy", ("virtual_kind=copy",)),
-                               # Which half of the held virtual slots does what: dilution alone, the count alone.
-                               ("all_unheld", ("virtual_target=null", "virtual_bias_rate=0",
-                                               "budget_on_virtual=true")),
-                               ("real_held", ("gate_norm=real",)),
-                               ("constant_real", ("virtual_kind=constant", "gate_norm=real")))},
+       for name, overrides in (("held", _HELD),
+                               ("all_unheld", ("gate_norm=all",)),
+                               ("real_held", (*_HELD, "gate_norm=real")),
+                               ("copy", (*_HELD, "virtual_kind=copy")),
+                               ("constant_real", (*_HELD, "virtual_kind=constant", "gate_norm=real")))},
     # The rivals, their controllers holding the same mean real experts per token.
     "topp_b2.0": _rival("topp", 2.0),
     "remoe_b2.0": _rival("remoe", 2.0),
