@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.distributed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dispatcher import time_interleaved  # noqa: E402
+from bench_dispatcher import print_columns, time_interleaved  # noqa: E402
 
 
 def zipf_routing(num_tokens: int, num_experts: int, topk: int, zipf_s: float, seed: int, *, shuffled: bool):
@@ -147,12 +147,7 @@ COLUMNS = ["case", "ep_size", "zipf_s", "active", "rank_load_imbalance_before", 
 
 
 def print_table(rows: list) -> None:
-    cells = [[str(row.get(c, "")) for c in COLUMNS] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(COLUMNS)]
-    print(" | ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for r in cells:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_columns(rows, COLUMNS)
 
 
 def main(argv=None) -> list:

@@ -289,6 +289,11 @@ def print_table(rows: list) -> None:
                "megatron_peak_mem_bytes"]
     extra = ["time_vs_fixed", "cpu_time_vs_fixed", "real_fraction"]
     header = columns + extra
+    print_columns(rows, header)
+
+
+def print_columns(rows: list, header: list) -> None:
+    """rows (dicts) as a left-aligned table of the `header` keys; a missing value prints empty."""
     cells = [[("" if row.get(c) is None else str(row.get(c))) for c in header] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Optional
@@ -136,9 +135,7 @@ def check_digits_arrays(images, labels) -> tuple[numpy.ndarray, numpy.ndarray]:
 def prepare_digits(output_prefix, *, images=None, labels=None):
     """Writes `<output_prefix>.bin/.idx/.info.json`: one document per digit (module docstring),
     in the order of a fixed shuffle. images/labels default to scikit-learn's digits."""
-    from megatron.core.datasets import indexed_dataset
-
-    from anyexperts.data.prepare import PrepareStats, _publish, token_dtype
+    from anyexperts.data.prepare import PrepareStats, indexed_output, token_dtype
 
     if images is None and labels is None:
         images, labels = load_digits_arrays()
@@ -148,26 +145,15 @@ def prepare_digits(output_prefix, *, images=None, labels=None):
     tokenizer = DigitsTokenizer()
     dtype = token_dtype(tokenizer.vocab_size)
     output_prefix = os.path.abspath(os.path.expanduser(str(output_prefix)))
-    os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
-    tmp_prefix = os.path.join(os.path.dirname(output_prefix),
-                              f".{os.path.basename(output_prefix)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     stats = PrepareStats(output_prefix, 0, 0, numpy.dtype(dtype).name, num_input_files=1)
     order = numpy.random.default_rng(SHUFFLE_SEED).permutation(len(labels))
-    builder = indexed_dataset.IndexedDatasetBuilder(f"{tmp_prefix}.bin", dtype=dtype)
-    try:
+    with indexed_output(output_prefix, dtype) as (builder, tmp_prefix):
         for index in order.tolist():
             tokens = numpy.asarray(tokenizer.tokenize_sample(images[index], labels[index]), dtype=dtype)
             builder.add_document(tokens, [len(tokens)])
             stats.num_documents += 1
             stats.num_tokens += len(tokens)
-        builder.finalize(f"{tmp_prefix}.idx")
         _write_info(f"{tmp_prefix}.info.json", stats, tokenizer)
-        _publish(tmp_prefix, output_prefix)
-    except BaseException:
-        builder.data_file.close()
-        for suffix in (".bin", ".idx", ".info.json"):
-            Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
-        raise
     stats.files = [f"{output_prefix}{suffix}" for suffix in (".bin", ".info.json", ".idx")]
     return stats
 

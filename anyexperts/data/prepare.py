@@ -19,6 +19,7 @@ Command line: `python tools/prepare_data.py --input DIR_OR_JSONL --output-prefix
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -116,20 +117,13 @@ def prepare_corpus(
     """
     input_files = list_input_files(input_path, exclude_names=exclude_names)
     dtype = token_dtype(tokenizer.vocab_size)
-    # Heavy (megatron.core imports ~7 s): only once the input looks usable.
-    from megatron.core.datasets import indexed_dataset
+    # Heavy (megatron.core imports ~7 s, in indexed_output): only once the input looks usable.
     from tqdm import tqdm
 
     output_prefix = os.path.abspath(os.path.expanduser(str(output_prefix)))
-    os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
-    # Hidden and unique per writer, so concurrent writers and readers never see it.
-    tmp_prefix = os.path.join(
-        os.path.dirname(output_prefix), f".{os.path.basename(output_prefix)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
     stats = PrepareStats(output_prefix, 0, 0, numpy.dtype(dtype).name, num_input_files=len(input_files))
     total_bytes = sum(path.stat().st_size for path in input_files)
-    builder = indexed_dataset.IndexedDatasetBuilder(f"{tmp_prefix}.bin", dtype=dtype)
-    try:
+    with indexed_output(output_prefix, dtype) as (builder, tmp_prefix):
         with tqdm(
             total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {Path(input_path).name}",
             disable=not show_progress or total_bytes < PROGRESS_MIN_BYTES,
@@ -153,16 +147,33 @@ def prepare_corpus(
                 f"{input_path} has no text: all {stats.num_empty_documents} documents are empty or whitespace; "
                 "point data.input_path (--input) at a corpus with text"
             )
-        builder.finalize(f"{tmp_prefix}.idx")
         _write_info(f"{tmp_prefix}.info.json", stats, tokenizer, input_path)
+    stats.files = [f"{output_prefix}{suffix}" for suffix in (".bin", ".info.json", ".idx")]
+    return stats
+
+
+@contextlib.contextmanager
+def indexed_output(output_prefix: str, dtype) -> Iterator[tuple[Any, str]]:
+    """(builder, tmp_prefix) for writing `<output_prefix>.bin/.idx/.info.json`: the body adds the
+    documents and writes `<tmp_prefix>.info.json`; on success the index is finalised and the
+    files are published together (_publish), on any error the temporary files are removed."""
+    from megatron.core.datasets import indexed_dataset
+
+    os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+    # Hidden and unique per writer, so concurrent writers and readers never see it.
+    tmp_prefix = os.path.join(
+        os.path.dirname(output_prefix), f".{os.path.basename(output_prefix)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+    builder = indexed_dataset.IndexedDatasetBuilder(f"{tmp_prefix}.bin", dtype=dtype)
+    try:
+        yield builder, tmp_prefix
+        builder.finalize(f"{tmp_prefix}.idx")
         _publish(tmp_prefix, output_prefix)
     except BaseException:
         builder.data_file.close()
         for suffix in (".bin", ".idx", ".info.json"):
             Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
         raise
-    stats.files = [f"{output_prefix}{suffix}" for suffix in (".bin", ".info.json", ".idx")]
-    return stats
 
 
 def _batches(documents: Iterator[Document]) -> Iterator[list[Document]]:
