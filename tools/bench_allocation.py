@@ -57,6 +57,9 @@ def _rival(kind: str, budget: float) -> list[str]:
 
 
 _HELD = ("gate_norm=all", "virtual_target=0.2", "virtual_bias_rate=0.5", "budget_on_virtual=false")
+# The same with the budget's virtual term on: without it the budget had only K to move, its
+# controller swung the real count early, and 2 of 3 seeds stalled on the unigram plateau.
+_HELD_BUDGETED = ("gate_norm=all", "virtual_target=0.2", "virtual_bias_rate=0.5")
 
 
 def _virtual_variant(budget: float, k_max: int, *overrides: str) -> list[str]:
@@ -71,10 +74,12 @@ METHODS: dict[str, list[str]] = {
        for budget, k_max in ((1.8, 3), (2.0, 4))
        for rounding in ("fractional", "straight_through", "dither")},
     # Virtual slots the loss trains: zero experts with gates over every selected entry, their count
-    # held at 0.2 per token (virtual_held); its halves alone; MoE++'s copy / constant experts, held.
+    # held at 0.2 per token (virtual_held; virtual_held_budgeted with the budget's virtual term);
+    # its halves alone; MoE++'s copy / constant experts, held.
     **{f"virtual_{name}_b{budget}": _virtual_variant(budget, k_max, *overrides)
        for budget, k_max in ((1.8, 3), (2.0, 4))
        for name, overrides in (("held", _HELD),
+                               ("held_budgeted", _HELD_BUDGETED),
                                ("all_unheld", ("gate_norm=all",)),
                                ("real_held", (*_HELD, "gate_norm=real")),
                                ("copy", (*_HELD, "virtual_kind=copy")),

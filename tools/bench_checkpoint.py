@@ -9,9 +9,12 @@ Three measurements, each optional:
 - checkpoint: the same two hashing times for an existing checkpoint (--checkpoint DIR, e.g.
   the main job's <run_dir>/checkpoints/step_0000150).
 - rss: one 2-process main-job run (experiment=shakespeare_cpu, torchrun, CPU) of --rss-steps
-  steps, checkpointing every 100; each worker's peak RSS (VmHWM) is read from /proc when
-  metrics.jsonl reaches step 100 and at the end, and the save log lines give the save time
-  and its checksum part. Extra overrides for that run follow `--`.
+  steps, validating and checkpointing every 100, so that by step 100 each worker has done
+  every kind of work once (training, validation, save). Each worker's peak RSS (VmHWM) and
+  current RSS (VmRSS) are read from /proc once step 100's validation and save are done and
+  again at the end (the current RSS also every 100 steps, to show a trend rather than two
+  points); the save log lines give the save time and its checksum part. Extra overrides for
+  that run follow `--`.
 
     OMP_NUM_THREADS=1 python tools/bench_checkpoint.py --json bench_checkpoint.json
     python tools/bench_checkpoint.py --synthetic-mib 0 --rss-steps 2000 -- model.num_layers=2
@@ -82,18 +85,31 @@ def synthetic(mib: int, work_dir: Path) -> dict:
     return result
 
 
-def _vm_hwm_mib(pid: int) -> float:
+def _vm_mib(pid: int) -> dict[str, float]:
+    """{"hwm": VmHWM, "rss": VmRSS} of a process, MiB."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key[2:].lower()] = int(value.split()[0]) / 1024
+    if len(fields) != 2:
+        raise RuntimeError(f"no VmHWM/VmRSS for pid {pid}")
+    return fields
 
 
-def _worker_pids(agent_pid: int) -> list[int]:
+def _worker_pids(agent_pid: int, num_workers: int) -> list[int]:
+    """The workers' pids in rank order; empty until all of them have started."""
     import psutil
 
-    return sorted(p.pid for p in psutil.Process(agent_pid).children(recursive=True)
-                  if "launcher.train" in " ".join(p.cmdline()))
+    workers = [p for p in psutil.Process(agent_pid).children(recursive=True)
+               if "launcher.train" in " ".join(p.cmdline())]
+    if len(workers) != num_workers:
+        return []
+
+    def rank(process) -> int:
+        return int(process.environ().get("RANK", "0"))
+
+    return [p.pid for p in sorted(workers, key=rank)]
 
 
 def _last_step(metrics: Path) -> int:
@@ -109,39 +125,62 @@ def _last_step(metrics: Path) -> int:
     return step
 
 
-def rss_run(steps: int, work_dir: Path, overrides: list[str], first: int = 100) -> dict:
+def rss_run(steps: int, work_dir: Path, overrides: list[str], first: int = 100, num_workers: int = 2) -> dict:
+    import psutil
+
     run_dir = work_dir / "rss_run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_workers),
            "-m", "launcher.train", "experiment=shakespeare_cpu", f"trainer.max_steps={steps}",
-           "trainer.eval_interval=500", "trainer.routing_trace_at_end=false", "logging.log_interval=10",
-           "logging.tensorboard=false", "checkpoint.interval=100", "checkpoint.keep_last=2",
+           f"trainer.eval_interval={first}", "trainer.routing_trace_at_end=false", "logging.log_interval=10",
+           "logging.tensorboard=false", f"checkpoint.interval={first}", "checkpoint.keep_last=2",
            f"experiment.run_dir={run_dir}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log_path = work_dir / "rss_run.log"
     start = time.monotonic()
+    # Sampled once the step after `first` is logged: step `first`'s validation and save are done.
+    first_sample_step = first + 10
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        samples: dict[int, list[float]] = {}
+        first_sample: list[dict] = []
+        last_sample: list[dict] = []
+        rss_by_step: dict[int, list[float]] = {}
         pids: list[int] = []
         while proc.poll() is None:
             time.sleep(0.5)
             try:
-                pids = pids or _worker_pids(proc.pid)
+                pids = pids or _worker_pids(proc.pid, num_workers)
+                if not pids:
+                    continue
                 step = _last_step(run_dir / "metrics.jsonl")
-                if pids and (step >= first and first not in samples or step >= steps - 10):
-                    samples[first if first not in samples else step] = [_vm_hwm_mib(pid) for pid in pids]
-            except (OSError, RuntimeError):
+                if step < first_sample_step:
+                    continue
+                sample = [_vm_mib(pid) for pid in pids]
+                if not first_sample:
+                    first_sample = sample
+                last_sample = sample  # the last one read before the workers exit
+                if step // first * first not in rss_by_step:
+                    rss_by_step[step // first * first] = [round(s["rss"], 1) for s in sample]
+            except (OSError, RuntimeError, psutil.Error):
                 continue  # a worker that just exited
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; see {log_path}")
+    if not first_sample:
+        raise RuntimeError(f"no RSS sample: the run never logged step {first_sample_step}; see {log_path}")
     saves = [{"path": m[1], "mib": float(m[2]), "save_s": float(m[3]), "checksum_s": float(m[4])}
              for m in _SAVE_LINE.finditer(log_path.read_text())]
-    last = max(samples)
-    growth = [(b - a) / a * 100 for a, b in zip(samples[first], samples[last])]
+
+    def growth(kind: str) -> list[float]:
+        return [round((b[kind] - a[kind]) / a[kind] * 100, 2) for a, b in zip(first_sample, last_sample)]
+
     return {"steps": steps, "command": " ".join(cmd), "wall_s": round(time.monotonic() - start, 1),
-            "peak_rss_mib": {str(step): [round(v, 1) for v in samples[step]] for step in (first, last)},
-            "rss_growth_pct": [round(g, 2) for g in growth], "saves": saves,
+            "sampled_after_step": first,
+            "peak_rss_mib": {str(first): [round(s["hwm"], 1) for s in first_sample],
+                             str(steps): [round(s["hwm"], 1) for s in last_sample]},
+            "rss_mib": {str(first): [round(s["rss"], 1) for s in first_sample],
+                        str(steps): [round(s["rss"], 1) for s in last_sample]},
+            "rss_growth_pct": growth("hwm"), "current_rss_growth_pct": growth("rss"),
+            "rss_mib_by_step": {str(k): v for k, v in sorted(rss_by_step.items())}, "saves": saves,
             "latest_checkpoint": str(files.find_latest(run_dir / "checkpoints"))}
 
 
@@ -173,7 +212,13 @@ def main(argv=None) -> int:
     if "rss" in report:
         rss = report["rss"]
         for step, values in rss["peak_rss_mib"].items():
-            print(f"peak RSS at step {step:>5}: " + ", ".join(f"rank {r} {v:.1f} MiB" for r, v in enumerate(values)))
+            current = rss["rss_mib"][step]
+            print(f"step {step:>5}: " + ", ".join(f"rank {r} peak {v:.1f} MiB (now {c:.1f})"
+                                                  for r, (v, c) in enumerate(zip(values, current))))
+        print("current RSS by step (MiB, per rank): " +
+              ", ".join(f"{step}: {'/'.join(f'{v:.0f}' for v in values)}"
+                        for step, values in rss["rss_mib_by_step"].items()))
+        print(f"peak growth: {rss['rss_growth_pct']} %, current growth: {rss['current_rss_growth_pct']} %")
         print(f"growth: {rss['rss_growth_pct']} %; saves: " +
               ", ".join(f"{s['save_s']:.2f}s ({s['checksum_s']:.2f}s checksums)" for s in rss["saves"]))
     if args.json:
