@@ -88,3 +88,15 @@ def test_virtual_bias_moves_the_selection_not_the_gates_and_the_loss_reaches_vir
     (out * weight).sum().backward()
     # No virtual slot taken: what reaches the virtual rows is only the aux losses' (none here).
     assert float(router.weight.grad[router.num_experts:].abs().sum()) == 0.0
+
+
+@pytest.mark.gpu
+def test_statistics_live_on_the_layer_device_for_one_all_reduce():
+    """Untested here (no GPU on the CPU machines): stats.collect concatenates every recorded
+    value before its all-reduce, and NCCL reduces device tensors only."""
+    layer = _layer(_config()).cuda()
+    layer.train()
+    with stats.separate_sink() as sink:
+        layer(_hidden().cuda())
+    devices = {(name, value.device.type) for (name, _), value in sink._sums.items()}
+    assert {device for _, device in devices} == {"cuda"}, sorted(devices)

@@ -306,7 +306,9 @@ class AnyExpertsMoELayer(BaseMoELayer):
         stats.record(layer, "tokens_per_expert", tokens_per_expert)
         stats.record(layer, "load_imbalance", tokens_per_expert.max() / tokens_per_expert.mean().clamp(min=1e-12))
         stats.record(layer, "dropped_slots", plan.num_dropped.double(), reduction="sum")
-        stats.record(layer, "a2a_bytes", torch.tensor(float(self.token_dispatcher.last_bytes_sent)))
+        # On the statistics' device: collect() concatenates every value before its one all-reduce.
+        stats.record(layer, "a2a_bytes", torch.tensor(float(self.token_dispatcher.last_bytes_sent),
+                                                      dtype=torch.float64, device=device))
         plan = self.token_dispatcher.last_plan
         if plan is not None:
             # Host numbers of the global plan (the same on every rank), kept beside the other sums.
