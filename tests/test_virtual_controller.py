@@ -100,3 +100,25 @@ def test_statistics_live_on_the_layer_device_for_one_all_reduce():
         layer(_hidden().cuda())
     devices = {(name, value.device.type) for (name, _), value in sink._sums.items()}
     assert {device for _, device in devices} == {"cuda"}, sorted(devices)
+
+
+def test_training_forwards_record_nothing_when_the_step_is_not_logged():
+    from anyexperts.config import TrainConfig
+    from anyexperts.training.trainer import _logs_step
+
+    layer = _layer(_config())
+    layer.train()
+    try:
+        stats.record_training(False)
+        with stats.separate_sink(enabled=False) as sink:
+            layer(_hidden())
+        assert sink.collect() == {}
+        stats.record_training(True)
+        with stats.separate_sink(enabled=False) as sink:
+            layer(_hidden())
+        assert "real_experts_per_token" in sink.collect()
+    finally:
+        stats.record_training(True)
+    cfg = TrainConfig()
+    cfg.logging.log_interval, cfg.trainer.eval_interval, cfg.trainer.max_steps = 10, 25, 33
+    assert [s for s in range(1, 34) if _logs_step(s, cfg)] == [1, 10, 20, 25, 30, 33]

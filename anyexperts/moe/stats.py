@@ -16,8 +16,9 @@ Every rank of `group` must have recorded the same names and layers (true for the
 data-parallel group of one pipeline stage); collect packs everything into one all-reduce.
 collect() leaves the sink as it is; call reset() to start a new interval.
 
-Layers record only when training with gradients enabled, or when `set_enabled(True)` (e.g.
-for evaluation); `with separate_sink():` records into a fresh sink for the block (the trainer
+Layers record only when training with gradients enabled (and `record_training` is on: the
+trainer turns it off for the steps it does not log, so statistics cost nothing there), or
+when `set_enabled(True)` (e.g. for evaluation); `with separate_sink():` records into a fresh sink for the block (the trainer
 keeps validation statistics apart from the training interval's that way). collect() also
 derives, per layer, from the interval's and group's sums:
 - `load_imbalance_global`: max / mean of the collected tokens_per_expert (beside the
@@ -213,8 +214,18 @@ def separate_sink(*, enabled: bool = True) -> Iterator[StatsSink]:
 
 
 def set_enabled(enabled: bool) -> None:
-    """Record also outside training (evaluation); training always records."""
+    """Record also outside training (evaluation); training records unless record_training(False)."""
     _SINK.enabled = bool(enabled)
+
+
+# Whether training forwards record. The trainer turns it on only for the steps it logs, so the
+# statistics cost nothing on the others (a logged value is that step's, not the interval's).
+_RECORD_TRAINING = True
+
+
+def record_training(enabled: bool) -> None:
+    global _RECORD_TRAINING
+    _RECORD_TRAINING = bool(enabled)
 
 
 def is_enabled() -> bool:
@@ -222,4 +233,4 @@ def is_enabled() -> bool:
 
 
 def should_record(training: bool) -> bool:
-    return (training and torch.is_grad_enabled()) or _SINK.enabled
+    return (training and torch.is_grad_enabled() and _RECORD_TRAINING) or _SINK.enabled

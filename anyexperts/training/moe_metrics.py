@@ -29,7 +29,8 @@ def attach_topk_router_hooks(model: torch.nn.Module) -> int:
             layer_number = module.layer_number
 
             def hook(mod, _inputs, outputs, layer_number=layer_number):
-                if not mod.training:  # validation batches are not part of the training statistics
+                # Validation batches are not part of the training statistics; unlogged steps record nothing.
+                if not mod.training or not stats.should_record(True):
                     return
                 _probs, routing_map = outputs
                 routing_map = routing_map.detach()

@@ -27,7 +27,7 @@ from anyexperts.training.metrics import MetricsLogger
 from anyexperts.moe import allocation, stats, token_info
 from anyexperts.moe.losses import reset_global_batch_state, update_selection_biases
 from anyexperts.moe.trace import routing_trace, save_trace
-from anyexperts.training import allocation_eval, moe_metrics
+from anyexperts.training import allocation_eval, host_memory, moe_metrics
 from anyexperts.training.captions import CaptionMetrics, logits_and_per_token_loss
 from anyexperts.training.optim import build_optimizer, build_scheduler, current_lr, wrap_ddp
 from anyexperts.training.checkpoint import Checkpointer  # issue 5
@@ -152,6 +152,14 @@ class EvalResult:
     # Logged beside val_loss: validation routing statistics (moe/val_<name>/layer<i>),
     # moe/importance_loss_spearman/layer<i> and val_loss_shuffled_allocation.
     scalars: dict[str, float] = field(default_factory=dict)
+
+
+def _logs_step(step: int, cfg: TrainConfig) -> bool:
+    """Whether step `step` (1-based) writes a metrics record: every log_interval, the first, and
+    every validation step."""
+    tr = cfg.trainer
+    return (step % cfg.logging.log_interval == 0 or step == 1 or step % tr.eval_interval == 0
+            or step == tr.max_steps)
 
 
 def _real_experts_budget(cfg: TrainConfig) -> Optional[float]:
@@ -334,6 +342,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
     window_steps = 0
     try:
         while state.step < cfg.trainer.max_steps:
+            # Statistics are recorded only in the steps that are logged: they cost nothing in the others.
+            stats.record_training(_logs_step(state.step + 1, cfg))
             ddp_model.zero_grad_buffer()
             # AnyExperts global-batch load-balance/budget sums restart with each global batch.
             reset_global_batch_state(model)
@@ -373,8 +383,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                 val_scalars = {**evaluate_extra(ddp_model, extra_validation, cfg, layout, dp_group),
                                **evaluation.scalars}
                 result.val_losses[state.step] = val_loss
+                host_memory.trim()
 
-            if state.step % cfg.logging.log_interval == 0 or val_loss is not None or state.step == 1:
+            if _logs_step(state.step, cfg):
                 elapsed = time.monotonic() - window_start
                 scalars = {
                     "loss": loss,
@@ -401,6 +412,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
             stop_signal = stop.agreed(device=device)
             if stop_signal or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
                 saved = checkpointer.save(model, optimizer, scheduler, state)
+                host_memory.trim()
                 if saved is not None:  # keep the save out of the next tokens_per_s window
                     window_start += saved.seconds
             if stop_signal:
@@ -418,6 +430,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
 
             draw_pictures_at_end(run_dir)
     finally:
+        stats.record_training(True)
         stop.restore()
         logger.close()
     result.steps_done = state.step
