@@ -7,7 +7,8 @@
 --full: experts {8, 16, 64, 128} x tokens {1024, 4096, 16384} x k {1, 2, 4, 8}. Everything
 runs in one rank process (tests/distributed.py's harness, world of 1, EP = 1) with as many
 BLAS threads as this process has (OMP_NUM_THREADS). Times are forward + backward of the
-whole MoE layer (router included) on hidden states [T, 1, H] in training mode. Per case
+whole MoE layer (router included) on hidden states [T, 1, H] in training mode, as in a step the
+trainer does not log (no routing statistics recorded). Per case
 (E, T, k) these run interleaved (A, B, C, ..., A, B, C, ...) after one warm-up each, and the
 median is reported, wall time and process CPU time (on a shared machine the CPU-time ratios
 are the steadier ones; compare ratios within one run, not absolute times between runs):
@@ -248,9 +249,11 @@ def _row(case, num_tokens, layers, times, name, megatron_name, floor_name, real_
 def bench_case(layers: Layers, num_tokens: int, opts: dict) -> list:
     from anyexperts.moe import stats
 
-    # The layers record statistics on every training forward, as in training; a fresh sink per
-    # case, since the shapes of k_histogram and tokens_per_expert change with (E, k).
+    # Timed as the steps the trainer does not log: no statistics (stats.record_training). A
+    # fresh sink per case all the same, since k_histogram's and tokens_per_expert's shapes
+    # change with (E, k).
     stats.reset()
+    stats.record_training(False)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts["dtype"]]
     seed = opts["seed"] + num_tokens
     hidden_SBH, grad_SBH = inputs(num_tokens, layers.hidden, dtype, seed)
@@ -265,7 +268,10 @@ def bench_case(layers: Layers, num_tokens: int, opts: dict) -> list:
     for r, layer in layers.variable.items():
         var_counts, variable_real[r] = routed_counts(layer, hidden_SBH)
         steps[f"floor_r{r:g}"] = floor_step(layers.megatron.experts, layers.config, var_counts, seed)
-    times = time_interleaved(steps, opts["repeats"], None)
+    try:
+        times = time_interleaved(steps, opts["repeats"], None)
+    finally:
+        stats.record_training(True)
 
     def row(case, name, floor_name="floor", real_per_token=real, **extra):
         return _row(case, num_tokens, layers, times, name, "megatron", floor_name, real_per_token, **extra)
