@@ -402,7 +402,7 @@ def test_stats_sink_mean_sum_and_reset():
     (dict(virtual_target=0.2), "virtual_bias_rate"),
     (dict(virtual_target=0.2, virtual_bias_rate=-0.5), "virtual_bias_rate"),
     (dict(k_min=1, k_max=3, rho_max=0.34, virtual_target=1.5, virtual_bias_rate=0.5), "virtual_target"),
-    (dict(k_min=1, k_max=3, rho_max=0.2, virtual_target=0.1, virtual_bias_rate=0.5), "virtual_target"),
+    (dict(k_min=1, k_max=3, rho_max=0.34, virtual_target=-0.1, virtual_bias_rate=0.5), "virtual_target"),
 ])
 def test_bad_configs_raise_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^moe\.anyexperts\.{field}="):

@@ -122,3 +122,15 @@ def test_training_forwards_record_nothing_when_the_step_is_not_logged():
     cfg = TrainConfig()
     cfg.logging.log_interval, cfg.trainer.eval_interval, cfg.trainer.max_steps = 10, 25, 33
     assert [s for s in range(1, 34) if _logs_step(s, cfg)] == [1, 10, 20, 25, 30, 33]
+
+
+def test_no_virtual_controller_where_no_slot_can_be_virtual():
+    # moe=anyexperts holds a virtual target; the reduction to top-k (rho_max 0 or V = 0) must
+    # still validate, with the controller off.
+    for overrides in (dict(rho_max=0.0), dict(num_virtual_experts=0, rho_max=0.0)):
+        ae = _config(**overrides)
+        ae.validate(num_experts=4)
+        assert not ae.holds_virtual_slots
+        assert not _layer(ae).router.controls_virtual
+    with pytest.raises(ValueError, match="virtual_target"):
+        _config(virtual_target=1.5).validate(num_experts=4)  # at most floor(0.34 * 3) = 1 per token

@@ -47,23 +47,27 @@ from compare_runs import _fmt, _layer_values
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _anyexperts(rounding: str, budget: float, k_max: int) -> list[str]:
+# How virtual slots are trained, spelled out in every AnyExperts row (not left to moe=anyexperts'
+# defaults), so that a row means the same thing after a default changes.
+# By the budget only: zero experts, gates over the real entries, the count moved by the budget's
+# virtual term (moe=anyexperts until virtual_held_budgeted replaced it).
+_BY_BUDGET = {"gate_norm": "real", "virtual_target": "null", "virtual_bias_rate": "0.0", "budget_on_virtual": "true"}
+# Trained by the loss: gates over every selected entry, the count held at 0.2 per token.
+_HELD = {**_BY_BUDGET, "gate_norm": "all", "virtual_target": "0.2", "virtual_bias_rate": "0.5",
+         "budget_on_virtual": "false"}
+# The same with the budget's virtual term on (moe=anyexperts): without it the budget had only K
+# to move, its controller swung the real count early, and 2 of 3 seeds stalled on the unigram plateau.
+_HELD_BUDGETED = {**_HELD, "budget_on_virtual": "true"}
+
+
+def _anyexperts(rounding: str, budget: float, k_max: int, virtual: dict = _BY_BUDGET) -> list[str]:
     return ["moe=anyexperts", f"moe.anyexperts.k_rounding={rounding}", "moe.anyexperts.k_min=1",
-            f"moe.anyexperts.k_max={k_max}", f"moe.anyexperts.budget_target={budget}"]
+            f"moe.anyexperts.k_max={k_max}", f"moe.anyexperts.budget_target={budget}",
+            *(f"moe.anyexperts.{key}={value}" for key, value in virtual.items())]
 
 
 def _rival(kind: str, budget: float) -> list[str]:
     return [f"moe={kind}", f"moe.{kind}.target_real_experts={budget}"]
-
-
-_HELD = ("gate_norm=all", "virtual_target=0.2", "virtual_bias_rate=0.5", "budget_on_virtual=false")
-# The same with the budget's virtual term on: without it the budget had only K to move, its
-# controller swung the real count early, and 2 of 3 seeds stalled on the unigram plateau.
-_HELD_BUDGETED = ("gate_norm=all", "virtual_target=0.2", "virtual_bias_rate=0.5")
-
-
-def _virtual_variant(budget: float, k_max: int, *overrides: str) -> list[str]:
-    return [*_anyexperts("straight_through", budget, k_max), *(f"moe.anyexperts.{o}" for o in overrides)]
 
 
 # k_max = 3 leaves budget 1.8 room on both sides; budget 2.0 needs k_max = 4 for the same.
@@ -76,14 +80,14 @@ METHODS: dict[str, list[str]] = {
     # Virtual slots the loss trains: zero experts with gates over every selected entry, their count
     # held at 0.2 per token (virtual_held; virtual_held_budgeted with the budget's virtual term);
     # its halves alone; MoE++'s copy / constant experts, held.
-    **{f"virtual_{name}_b{budget}": _virtual_variant(budget, k_max, *overrides)
+    **{f"virtual_{name}_b{budget}": _anyexperts("straight_through", budget, k_max, virtual)
        for budget, k_max in ((1.8, 3), (2.0, 4))
-       for name, overrides in (("held", _HELD),
-                               ("held_budgeted", _HELD_BUDGETED),
-                               ("all_unheld", ("gate_norm=all",)),
-                               ("real_held", (*_HELD, "gate_norm=real")),
-                               ("copy", (*_HELD, "virtual_kind=copy")),
-                               ("constant_real", (*_HELD, "virtual_kind=constant", "gate_norm=real")))},
+       for name, virtual in (("held", _HELD),
+                             ("held_budgeted", _HELD_BUDGETED),
+                             ("all_unheld", {**_BY_BUDGET, "gate_norm": "all"}),
+                             ("real_held", {**_HELD, "gate_norm": "real"}),
+                             ("copy", {**_HELD, "virtual_kind": "copy"}),
+                             ("constant_real", {**_HELD, "virtual_kind": "constant", "gate_norm": "real"}))},
     # The rivals, their controllers holding the same mean real experts per token.
     "topp_b2.0": _rival("topp", 2.0),
     "remoe_b2.0": _rival("remoe", 2.0),

@@ -80,7 +80,7 @@ class AnyExpertsConfig:
     # each optimizer step the bias moves by -virtual_bias_rate * (measured - target). The count is
     # held; which tokens take a virtual slot is left to the router logits, which with gates over
     # every selected entry (gate_norm="all") learn from the loss where a real expert's share can
-    # go to a virtual one. None = off.
+    # go to a virtual one. None = off; off as well where no slot can be virtual (holds_virtual_slots).
     virtual_target: Optional[float] = None
     virtual_bias_rate: float = 0.0
     z_loss_coeff: float = 1e-3
@@ -88,6 +88,11 @@ class AnyExpertsConfig:
     bias_update_rate: float = 0.0
     # Capacity per expert in real-slot units: factor x (real slots / experts); None = unlimited.
     capacity_factor: Optional[float] = None
+
+    @property
+    def holds_virtual_slots(self) -> bool:
+        """Whether a slot can be virtual at all: V >= 1 and floor(rho_max * k_max) >= 1."""
+        return self.num_virtual_experts > 0 and math.floor(self.rho_max * self.k_max) >= 1
 
     def validate(self, *, num_experts: int, prefix: str = "") -> None:
         """Raises ValueError naming the field (with `prefix`, e.g. 'moe.anyexperts.')."""
@@ -131,11 +136,10 @@ class AnyExpertsConfig:
                 fail(name, "must be >= 0")
         if self.virtual_bias_rate > 0 and self.virtual_target is None:
             fail("virtual_bias_rate", "needs a virtual_target (the count it steers to)")
-        if self.virtual_target is not None:
+        # Where no slot can be virtual (the reduction to top-k: V = 0 or rho_max = 0), the
+        # virtual count is 0 by construction and the controller is off (router.controls_virtual).
+        if self.virtual_target is not None and self.holds_virtual_slots:
             max_virtual = math.floor(self.rho_max * self.k_max)
-            if max_virtual < 1:
-                fail("virtual_target", f"needs a virtual slot to exist: floor(rho_max * k_max) = {max_virtual}; "
-                     f"raise {prefix}rho_max or set virtual_target=null")
             if not 0.0 <= self.virtual_target <= max_virtual:
                 fail("virtual_target", f"must lie in [0, floor(rho_max * k_max) = {max_virtual}] virtual slots per token")
             if self.virtual_bias_rate <= 0:

@@ -251,7 +251,7 @@ class AnyExpertsRouter(Router):
 
     @property
     def controls_virtual(self) -> bool:
-        return self.ae.virtual_target is not None and self.num_virtual_experts > 0
+        return self.ae.virtual_target is not None and self.ae.holds_virtual_slots
 
     def route(self, logits_TX: torch.Tensor, importance_T: torch.Tensor,
               position_T: Optional[torch.Tensor] = None) -> Routing:
