@@ -18,8 +18,9 @@ collect() leaves the sink as it is; call reset() to start a new interval.
 
 Layers record only when training with gradients enabled (and `record_training` is on: the
 trainer turns it off for the steps it does not log, so statistics cost nothing there), or
-when `set_enabled(True)` (e.g. for evaluation); `with separate_sink():` records into a fresh sink for the block (the trainer
-keeps validation statistics apart from the training interval's that way). collect() also
+when `set_enabled(True)` (e.g. for evaluation); `with separate_sink():` records into a fresh
+sink for the block (the trainer keeps validation statistics apart from the training
+interval's that way). collect() also
 derives, per layer, from the interval's and group's sums:
 - `load_imbalance_global`: max / mean of the collected tokens_per_expert (beside the
   per-forward, per-rank `load_imbalance`);
