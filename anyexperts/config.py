@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from anyexperts.moe.config import AnyExpertsConfig, ReMoEConfig, TopPConfig
+from anyexperts.moe.expert_paths import EXPERT_PATHS
 from anyexperts.moe.rebalance import RebalanceConfig
 
 
@@ -48,7 +49,14 @@ class MoEConfig:
     aux_loss_coeff: float = 1e-2
     z_loss_coeff: Optional[float] = None
     token_dispatcher: str = "alltoall"  # alltoall | allgather
+    # moe.kind=topk: megatron's grouped-GEMM experts with Transformer Engine (TEGroupedMLP); without
+    # it the project's GroupedExperts in megatron's MoELayer (the project's top-k path). Other
+    # kinds always use GroupedExperts. False: megatron's SequentialMLP (checkpoints differ).
     grouped_gemm: bool = False
+    # How GroupedExperts computes (anyexperts/moe/expert_paths.py): auto (CPU: the fastest path,
+    # timed on the first use of each shape; GPU: grouped_mm where it runs) | grouped_mm | loop |
+    # blocked. Not used by moe.kind=topk with grouped_gemm=false (megatron's SequentialMLP).
+    expert_path: str = "auto"
     # Settings of the AnyExperts layer (used when kind == "anyexperts").
     anyexperts: AnyExpertsConfig = field(default_factory=AnyExpertsConfig)
     # Settings of the rival routing methods (used when kind == "topp" / "remoe").
@@ -238,6 +246,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
 
     _choice("moe.kind", moe.kind, MOE_KINDS)
     _choice("moe.token_dispatcher", moe.token_dispatcher, ("alltoall", "allgather"))
+    _choice("moe.expert_path", moe.expert_path, EXPERT_PATHS)
     if moe.kind != "none":
         _positive("moe.num_experts", moe.num_experts)
         _positive("moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)

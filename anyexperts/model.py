@@ -2,7 +2,8 @@
 
 The transformer config comes from `TrainConfig` (anyexperts.config). On a machine
 without Transformer Engine the local spec (plain torch modules) is used; with TE the TE
-spec. The MLP of each MoE layer is megatron-core's MoELayer (`moe.kind=topk`) or the
+spec. The MLP of each MoE layer is megatron-core's MoELayer (`moe.kind=topk`; with
+`moe.grouped_gemm` and no TE its experts are the project's GroupedExperts) or the
 AnyExperts layer (anyexperts/moe/specs.py) with its own router (`moe.kind=anyexperts`) or a
 rival one (`moe.kind=topp` / `remoe`, anyexperts/moe/routers/).
 
@@ -14,6 +15,7 @@ expert-parallel size. That is what makes EP=1 and EP=2 runs comparable step for 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -92,7 +94,9 @@ def transformer_config(cfg: TrainConfig):
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_z_loss_coeff=moe.z_loss_coeff,
             moe_token_dispatcher_type=moe.token_dispatcher,
-            moe_grouped_gemm=moe.grouped_gemm,
+            # Without TE, grouped_gemm means the project's GroupedExperts (layer_specs), which
+            # megatron's config must not know of: its own grouped GEMM needs TE or a CUDA package.
+            moe_grouped_gemm=moe.grouped_gemm and have_transformer_engine(),
             moe_layer_freq=moe.layer_freq,
             moe_router_dtype="fp32",
         )
@@ -110,19 +114,28 @@ def layer_specs(cfg: TrainConfig, config) -> list:
             return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
                 num_experts=num_experts, moe_grouped_gemm=cfg.moe.grouped_gemm)
         return gpt_layer_specs.get_gpt_layer_local_spec(
-            num_experts=num_experts, moe_grouped_gemm=cfg.moe.grouped_gemm, normalization=cfg.model.normalization)
+            num_experts=num_experts, moe_grouped_gemm=False, normalization=cfg.model.normalization)
 
     dense = base_spec(None)
     if cfg.moe.kind == "none":
         return [dense] * cfg.model.num_layers
-    if cfg.moe.kind == "topk":
+    if cfg.moe.kind == "topk" and cfg.moe.grouped_gemm and not use_te:
+        # The project's top-k path: megatron's MoELayer (router, aux loss, alltoall dispatcher)
+        # with the project's GroupedExperts instead of the SequentialMLP of the local spec.
+        from anyexperts.moe.specs import grouped_experts_spec
+
+        moe_spec = base_spec(cfg.moe.num_experts)
+        mlp = dataclasses.replace(moe_spec.submodules.mlp, submodules=dataclasses.replace(
+            moe_spec.submodules.mlp.submodules, experts=grouped_experts_spec(cfg.moe.expert_path)))
+        moe_spec = dataclasses.replace(moe_spec, submodules=dataclasses.replace(moe_spec.submodules, mlp=mlp))
+    elif cfg.moe.kind == "topk":
         moe_spec = base_spec(cfg.moe.num_experts)
     else:
         from anyexperts.moe.specs import get_anyexperts_layer_spec
 
         moe_spec = get_anyexperts_layer_spec(
             cfg.moe.routing_config(), use_transformer_engine=use_te, normalization=cfg.model.normalization,
-            rebalance=cfg.moe.rebalance)
+            rebalance=cfg.moe.rebalance, expert_path=cfg.moe.expert_path)
     return [moe_spec if i % cfg.moe.layer_freq == 0 else dense for i in range(cfg.model.num_layers)]
 
 

@@ -81,7 +81,7 @@ def _ep_group():
     return parallel_state.get_expert_model_parallel_group()
 
 
-def _check_case(case, rank, ep_group, num_experts, dtype, use_grouped_mm, tol):
+def _check_case(case, rank, ep_group, num_experts, dtype, expert_path, tol):
     import torch.distributed as dist
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -135,7 +135,7 @@ def _check_case(case, rank, ep_group, num_experts, dtype, use_grouped_mm, tol):
                                ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN, gated_linear_unit=True,
                                activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
                                params_dtype=dtype, expert_model_parallel_size=ep_size)
-    experts = GroupedExperts(local, config, use_grouped_mm=use_grouped_mm)
+    experts = GroupedExperts(local, config, expert_path=expert_path)
     with torch.no_grad():
         experts.fc1_weight.copy_(fc1_EHF[mine])
         experts.fc2_weight.copy_(fc2_EFH[mine])
@@ -161,9 +161,9 @@ def _check_case(case, rank, ep_group, num_experts, dtype, use_grouped_mm, tol):
     return case
 
 
-def _run_all_cases(rank, world_size, num_experts, dtype, use_grouped_mm, tol):
+def _run_all_cases(rank, world_size, num_experts, dtype, expert_path, tol):
     ep_group = _ep_group()
-    return [_check_case(case, rank, ep_group, num_experts, dtype, use_grouped_mm, tol) for case in CASES]
+    return [_check_case(case, rank, ep_group, num_experts, dtype, expert_path, tol) for case in CASES]
 
 
 def test_single_rank_without_group():
@@ -184,19 +184,19 @@ def test_single_rank_without_group():
 
 @pytest.mark.slow
 def test_world_1():
-    (results,) = run_distributed(_run_all_cases, 1, args=(4, torch.float64, False, 1e-6), expert_parallel_size=1)
+    (results,) = run_distributed(_run_all_cases, 1, args=(4, torch.float64, "loop", 1e-6), expert_parallel_size=1)
     assert results == list(CASES)
 
 
 @pytest.mark.slow
-def test_world_2_float64_and_float32_grouped_mm():
+def test_world_2_float64_blocked_and_float32_grouped_mm():
     results = run_distributed(_both_world_2, 2, expert_parallel_size=2)
     assert all(r[-1] == "megatron" and len(r) == 2 * len(CASES) + 1 for r in results)
 
 
 def _both_world_2(rank, world_size):
-    return (_run_all_cases(rank, world_size, 4, torch.float64, False, 1e-6)
-            + _run_all_cases(rank, world_size, 4, torch.float32, True, 1e-5)
+    return (_run_all_cases(rank, world_size, 4, torch.float64, "blocked", 1e-6)
+            + _run_all_cases(rank, world_size, 4, torch.float32, "grouped_mm", 1e-5)
             + [_compare_megatron(rank)])
 
 
@@ -221,7 +221,7 @@ def _world_4_both_layouts(rank, world_size, checkpoint_dir):
     at EP=4 and loaded at EP=2."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    results = _run_all_cases(rank, world_size, 8, torch.float64, False, 1e-6)
+    results = _run_all_cases(rank, world_size, 8, torch.float64, "loop", 1e-6)
     fc1_EHF, fc2_EFH = global_weights(8)
     saved = _grouped_experts_at_current_ep(8)
     ep_rank = parallel_state.get_expert_model_parallel_rank()
@@ -240,7 +240,7 @@ def _world_4_both_layouts(rank, world_size, checkpoint_dir):
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     mine = slice(4 * ep_rank, 4 * ep_rank + 4)
     assert torch.equal(loaded.fc1_weight, fc1_EHF[mine]) and torch.equal(loaded.fc2_weight, fc2_EFH[mine])
-    return results + _run_all_cases(rank, world_size, 4, torch.float64, False, 1e-6)
+    return results + _run_all_cases(rank, world_size, 4, torch.float64, "blocked", 1e-6)
 
 
 @pytest.mark.slow

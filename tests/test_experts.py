@@ -54,15 +54,16 @@ def test_grouped_mm_and_loop_agree_and_fallback_on_odd_shapes():
     assert grouped_mm_supported(torch.empty(1, HIDDEN), experts.fc1_weight)
     x, p = torch.randn(9, HIDDEN, requires_grad=True), torch.rand(9, requires_grad=True)
     results = []
-    for use_grouped_mm in (True, False):
-        experts.use_grouped_mm = use_grouped_mm
+    for expert_path in ("grouped_mm", "loop", "blocked"):  # blocked: one block per expert here
+        experts.expert_path = expert_path
         experts.zero_grad()
         out, _ = experts(x, torch.tensor(counts), p)
         grads = torch.autograd.grad(out, (x, p, experts.fc1_weight, experts.fc2_weight), torch.randn(
             out.shape, generator=torch.Generator().manual_seed(1)))
         results.append((out, *grads))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     # Hidden 6 in fp32 is a 24-byte row stride: grouped_mm would reject it, the loop takes over.
     odd = GroupedExperts(2, _config(hidden_size=6))
     assert not grouped_mm_supported(torch.empty(1, 6), odd.fc1_weight)
@@ -93,7 +94,7 @@ def test_biases_follow_megatron_expert_semantics():
 
     torch.manual_seed(2)
     experts = GroupedExperts(2, _config(params_dtype=torch.float64, gated_linear_unit=False, activation_func=F.gelu,
-                                        add_bias_linear=True), use_grouped_mm=False)
+                                        add_bias_linear=True), expert_path="loop")
     with torch.no_grad():
         experts.fc1_bias.normal_()
         experts.fc2_bias.normal_()
@@ -118,22 +119,26 @@ def _against_sequential_mlp(rank, world_size):
 
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    variants = [  # (name, config overrides, counts, dtype, use_grouped_mm, tolerance)
-        ("swiglu fp32 grouped_mm", {}, [5, 0, 7], torch.float32, True, 1e-5),
-        ("swiglu fp32 loop", {}, [5, 0, 7], torch.float32, False, 1e-5),
-        ("swiglu fp64 loop", dict(params_dtype=torch.float64), [4, 6, 0], torch.float64, False, 1e-12),
+    variants = [  # (name, config overrides, counts, dtype, expert_path, tolerance)
+        ("swiglu fp32 grouped_mm", {}, [5, 0, 7], torch.float32, "grouped_mm", 1e-5),
+        ("swiglu fp32 loop", {}, [5, 0, 7], torch.float32, "loop", 1e-5),
+        ("swiglu fp32 blocked", {}, [5, 0, 7], torch.float32, "blocked", 1e-5),
+        ("swiglu fp64 loop", dict(params_dtype=torch.float64), [4, 6, 0], torch.float64, "loop", 1e-12),
+        ("swiglu fp64 blocked", dict(params_dtype=torch.float64), [4, 6, 0], torch.float64, "blocked", 1e-12),
         ("gelu fp64 loop", dict(params_dtype=torch.float64, gated_linear_unit=False, activation_func=F.gelu),
-         [3, 2, 4], torch.float64, False, 1e-12),
-        ("geglu fp32 grouped_mm", dict(activation_func=F.gelu), [0, 6, 2], torch.float32, True, 1e-5),
-        ("no tokens", {}, [0, 0, 0], torch.float32, True, 0.0),
-        ("one expert", {}, [6], torch.float32, True, 1e-5),
+         [3, 2, 4], torch.float64, "loop", 1e-12),
+        ("geglu fp32 grouped_mm", dict(activation_func=F.gelu), [0, 6, 2], torch.float32, "grouped_mm", 1e-5),
+        ("no tokens", {}, [0, 0, 0], torch.float32, "grouped_mm", 0.0),
+        ("no tokens blocked", {}, [0, 0, 0], torch.float32, "blocked", 0.0),
+        ("one expert", {}, [6], torch.float32, "grouped_mm", 1e-5),
+        ("one expert auto", {}, [6], torch.float32, "auto", 1e-5),
     ]
     done = []
-    for name, overrides, counts, dtype, use_grouped_mm, tol in variants:
+    for name, overrides, counts, dtype, expert_path, tol in variants:
         torch.manual_seed(11)
         config = _config(**overrides)
         seq_mlp = SequentialMLP(len(counts), config, submodules, pg_collection=pgs)
-        ours = GroupedExperts(len(counts), config, pg_collection=pgs, use_grouped_mm=use_grouped_mm)
+        ours = GroupedExperts(len(counts), config, pg_collection=pgs, expert_path=expert_path)
         ours.load_from_sequential_mlp(seq_mlp)
         num_rows = sum(counts)
         x = torch.randn(num_rows, HIDDEN, dtype=dtype)
@@ -161,7 +166,7 @@ def _against_sequential_mlp(rank, world_size):
 @pytest.mark.slow
 def test_against_megatron_sequential_mlp():
     (done,) = run_distributed(_against_sequential_mlp, 1, expert_parallel_size=1)
-    assert len(done) == 7
+    assert len(done) == 11
 
 
 @pytest.mark.gpu
@@ -178,8 +183,8 @@ def test_cuda_bf16_grouped_mm_matches_loop():
     gate_TK = torch.rand(32, 3, device="cuda")
     dispatcher = VariableSlotAllToAll(num_experts=4, ep_group=None)
     outs = []
-    for use_grouped_mm in (None, False):
-        experts.use_grouped_mm = use_grouped_mm
+    for expert_path in ("auto", "loop"):
+        experts.expert_path = expert_path
         tokens_NH, counts, probs_N = dispatcher.dispatch(hidden_TH, expert_TK, gate_TK)
         outs.append(dispatcher.combine(experts(tokens_NH, counts, probs_N)[0]).float())
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)

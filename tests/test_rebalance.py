@@ -202,7 +202,7 @@ def _dispatcher_cases(rank: int, world_size: int) -> dict:
                                activation_func=F.silu, add_bias_linear=True, use_cpu_initialization=True,
                                params_dtype=torch.float64, expert_model_parallel_size=world_size)
     torch.manual_seed(rank)
-    experts = GroupedExperts(local, config, use_grouped_mm=False)
+    experts = GroupedExperts(local, config, expert_path="loop")
     with torch.no_grad():
         for w in experts.expert_weights():
             w.normal_()

@@ -145,12 +145,19 @@ def shuffle_permutation(num_tokens: int, *, layer_number: int, device=None) -> t
     return torch.randperm(num_tokens, generator=gen).to(device)
 
 
-def allocate_slots(importance_T: torch.Tensor, position_T: Optional[torch.Tensor], ae: AnyExpertsConfig, *,
-                   training: bool) -> SlotAllocation:
-    """K per token (and the last slot's mass in the learned modes) for `ae.k_rounding`."""
+def allocate_slots(importance_T: Optional[torch.Tensor], position_T: Optional[torch.Tensor], ae: AnyExpertsConfig,
+                   *, training: bool, num_tokens: Optional[int] = None, device=None) -> SlotAllocation:
+    """K per token (and the last slot's mass in the learned modes) for `ae.k_rounding`.
+
+    With k_min == k_max the importance may be None (a layer that does not compute it): then
+    num_tokens and device give the shape."""
     mode, k_min, k_max = ae.k_rounding, ae.k_min, ae.k_max
     if k_min == k_max:  # one slot count for every token: nothing to allocate or learn
-        return SlotAllocation(torch.full(importance_T.shape, k_min, dtype=torch.int64, device=importance_T.device), None)
+        if importance_T is not None:
+            num_tokens, device = importance_T.shape[0], importance_T.device
+        return SlotAllocation(torch.full((num_tokens,), k_min, dtype=torch.int64, device=device), None)
+    if importance_T is None:
+        raise ValueError(f"importance_T: k_min={k_min} < k_max={k_max} allocates slots from each token's importance")
     if mode in POSITIONAL_ROUNDINGS and position_T is None:
         raise ValueError(f"position_T: k_rounding={mode!r} needs each token's sequence position")
     if mode == "fractional":

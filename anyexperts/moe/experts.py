@@ -16,10 +16,14 @@ optional biases fc1_bias [E_local, F1], fc2_bias [E_local, H]. Each is marked
 DDP reduces them over the expert-data-parallel group. `sharded_state_dict` maps them to
 global [num_experts, ...] tensors for megatron's dist_checkpointing (any EP size on load).
 
-Matmuls: torch._grouped_mm when the dtype and strides meet its constraints (CPU: fp32/bf16/
-fp16 with 16-byte row strides; CUDA: bf16 on sm90/sm100); otherwise `_LoopGroupedMM`, a
-per-expert loop writing into slices of one output (no torch.cat in either direction), which
-also serves float64 for exact tests. The CUDA paths are written for but untested on a GPU.
+Compute paths (`expert_path`, config `moe.expert_path`; expert_paths.py): "grouped_mm"
+(torch._grouped_mm where the dtype and strides meet its constraints: CPU fp32/bf16/fp16 with
+16-byte row strides, CUDA bf16 on sm90/sm100), "loop" (`_LoopGroupedMM`, a per-expert loop
+writing into slices of one output, no torch.cat in either direction; every dtype), "blocked"
+(per expert and row block, fc1 -> SwiGLU -> fc2 while the block is in cache; CPU, fp32/fp64
+SwiGLU without biases) and "auto" (the default: on CPU the fastest of them, timed on the
+first use of each shape and cached; on CUDA grouped_mm where it runs, else loop). The CUDA
+paths are written for but untested on a GPU.
 
 Tests: tests/test_experts.py.
 """
@@ -35,6 +39,7 @@ from torch.nn import Parameter
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from anyexperts.moe import expert_paths
 from anyexperts.moe.dispatcher import host_to_device
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -140,7 +145,7 @@ class GroupedExperts(MegatronModule):
     """Local experts with stacked weights; drop-in for megatron's SequentialMLP."""
 
     def __init__(self, num_local_experts: int, config: TransformerConfig, submodules=None,
-                 pg_collection=None, *, use_grouped_mm: Optional[bool] = None):
+                 pg_collection=None, *, expert_path: str = "auto"):
         super().__init__(config=config)
         if (getattr(config, "expert_tensor_parallel_size", None) or config.tensor_model_parallel_size) > 1:
             raise ValueError("GroupedExperts has no tensor parallelism: set expert_tensor_parallel_size=1")
@@ -151,8 +156,11 @@ class GroupedExperts(MegatronModule):
         self.ffn_hidden_size = config.moe_ffn_hidden_size or config.ffn_hidden_size
         self.gated = config.gated_linear_unit
         self.activation_func = config.activation_func
-        # None: grouped_mm whenever the shapes allow it; False forces the loop (tests).
-        self.use_grouped_mm = use_grouped_mm
+        if expert_path not in expert_paths.EXPERT_PATHS:
+            raise ValueError(f"expert_path={expert_path!r} must be one of {', '.join(expert_paths.EXPERT_PATHS)}")
+        self.expert_path = expert_path
+        # The path of the last forward (statistics, tests).
+        self.last_path: Optional[str] = None
         fc1_out = self.ffn_hidden_size * (2 if self.gated else 1)
         device = (torch.device("cpu") if config.use_cpu_initialization or not torch.cuda.is_available()
                   else torch.device("cuda", torch.cuda.current_device()))
@@ -225,20 +233,65 @@ class GroupedExperts(MegatronModule):
         return self
 
     # ----------------------------------------------------------------------------------------
-    def _matmul(self, x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int], offs) -> torch.Tensor:
-        use_grouped = self.use_grouped_mm
-        if use_grouped is None:
-            use_grouped = grouped_mm_supported(x_NI, w_EIO)
-        if use_grouped:
+    def _matmul(self, x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int], offs, path: str) -> torch.Tensor:
+        if path == "grouped_mm" and grouped_mm_supported(x_NI, w_EIO):
             return torch._grouped_mm(x_NI, w_EIO, offs=offs)
         return _LoopGroupedMM.apply(x_NI, w_EIO, counts)
 
-    def _activation(self, fc1_NF: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
+    def _weighted_swiglu(self) -> bool:
         config = self.config
-        clamp = getattr(config, "activation_func_clamp_value", None)
-        offset = getattr(config, "glu_linear_offset", 0.0)
-        if self.gated and self.activation_func is F.silu and clamp is None and not offset:
+        return (self.gated and self.activation_func is F.silu and getattr(config, "activation_func_clamp_value", None)
+                is None and not getattr(config, "glu_linear_offset", 0.0))
+
+    def _choose_path(self, tokens_NH: torch.Tensor, probs_N: torch.Tensor, weights: list[torch.Tensor],
+                     counts: list[int]) -> str:
+        fc1_weight, fc2_weight = weights[0], weights[1]
+        grouped_ok = grouped_mm_supported(tokens_NH, fc1_weight)
+        if tokens_NH.is_cuda:  # no timing on a GPU: grouped_mm where its kernel runs, else the loop
+            candidates = ["grouped_mm", "loop"] if grouped_ok else ["loop"]
+            return candidates[0] if self.expert_path == "auto" else expert_paths.choose_path(
+                self.expert_path, (), candidates, None)
+        candidates = expert_paths.available_paths(tokens_NH, fc1_weight, swiglu=self._weighted_swiglu(),
+                                                  has_bias=len(weights) > 2, grouped_ok=grouped_ok)
+        grad = torch.is_grad_enabled() and (tokens_NH.requires_grad or any(w.requires_grad for w in weights))
+        key = expert_paths.shape_key(tokens_NH, fc1_weight, fc2_weight, self.gated, grad)
+        return expert_paths.choose_path(self.expert_path, key, candidates,
+                                        lambda path: self._time_path(path, tokens_NH, probs_N, weights, counts, grad))
+
+    def _time_path(self, path: str, tokens_NH, probs_N, weights, counts: list[int], grad: bool) -> float:
+        """Seconds of one forward (+ backward) of `path` on random rows with these counts, scaled
+        down to at most TIMING_ROWS rows; the layer's weights are copied, its grads untouched, and
+        the global random state is not used."""
+        scale = min(1.0, self.TIMING_ROWS / max(1, tokens_NH.shape[0]))
+        counts = [int(round(count * scale)) for count in counts]
+        gen = torch.Generator(device=tokens_NH.device).manual_seed(0)
+        x_NH = torch.randn(sum(counts), tokens_NH.shape[1], generator=gen, device=tokens_NH.device,
+                           dtype=tokens_NH.dtype)
+        p_N = torch.rand(sum(counts), generator=gen, device=tokens_NH.device, dtype=probs_N.dtype)
+        grad_NH = torch.randn(x_NH.shape, generator=gen, device=x_NH.device, dtype=x_NH.dtype)
+        copies = [w.detach().clone().requires_grad_(grad) for w in weights]
+        x_NH.requires_grad_(grad)
+        p_N.requires_grad_(grad)
+
+        def run():
+            with torch.set_grad_enabled(grad):
+                out_NH = self._compute(path, x_NH, counts, p_N, copies)
+                if grad:
+                    out_NH.backward(grad_NH)
+            for leaf in (x_NH, p_N, *copies):
+                leaf.grad = None
+
+        return expert_paths.time_candidate(run)
+
+    # Rows the first-use timing of a shape runs on: enough blocks per expert to show cache
+    # effects, few enough that timing every path costs about a second.
+    TIMING_ROWS = 8192
+
+    def _activation(self, fc1_NF: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
+        if self._weighted_swiglu():
             return _WeightedSwiGLU.apply(fc1_NF, probs_N)
+        clamp = getattr(self.config, "activation_func_clamp_value", None)
+        offset = getattr(self.config, "glu_linear_offset", 0.0)
         if self.gated:
             gate, linear = fc1_NF.chunk(2, dim=-1)
             if clamp is not None:
@@ -269,25 +322,33 @@ class GroupedExperts(MegatronModule):
 
     def _forward_with(self, tokens_NH: torch.Tensor, tokens_per_expert, probs_N: torch.Tensor,
                       weights: list[torch.Tensor]):
-        fc1_weight, fc2_weight = weights[0], weights[1]
-        fc1_bias, fc2_bias = (weights[2], weights[3]) if len(weights) > 2 else (None, None)
-        num_experts = fc1_weight.shape[0]
+        num_experts = weights[0].shape[0]
         counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
         if len(counts) != num_experts or sum(counts) != tokens_NH.shape[0]:
             raise ValueError(f"tokens_per_expert {counts} does not match {num_experts} experts "
                              f"and {tokens_NH.shape[0]} rows")
         tokens_NH = tokens_NH.contiguous()
+        path = self.last_path = self._choose_path(tokens_NH, probs_N, weights, counts)
+        return self._compute(path, tokens_NH, counts, probs_N, weights), None
+
+    def _compute(self, path: str, tokens_NH: torch.Tensor, counts: list[int], probs_N: torch.Tensor,
+                 weights: list[torch.Tensor]) -> torch.Tensor:
+        fc1_weight, fc2_weight = weights[0], weights[1]
+        fc1_bias, fc2_bias = (weights[2], weights[3]) if len(weights) > 2 else (None, None)
+        if path == "blocked":
+            return expert_paths.blocked_swiglu_experts(tokens_NH, probs_N, fc1_weight, fc2_weight, counts)
         device = tokens_NH.device
         counts_host = torch.tensor(counts, dtype=torch.int64)
-        offs = host_to_device(counts_host.cumsum(0).to(torch.int32), device)
-        fc1_NF = self._matmul(tokens_NH, fc1_weight, counts, offs)
+        offs = host_to_device(counts_host.cumsum(0).to(torch.int32), device) if path == "grouped_mm" else None
+        fc1_NF = self._matmul(tokens_NH, fc1_weight, counts, offs, path)
         if fc1_bias is not None:
-            expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device),
+            expert_N = torch.repeat_interleave(torch.arange(len(counts), device=device),
                                                host_to_device(counts_host, device), output_size=len(tokens_NH))
             fc1_NF = fc1_NF + fc1_bias.index_select(0, expert_N)
         act_NF = self._activation(fc1_NF, probs_N)
-        out_NH = self._matmul(act_NF, fc2_weight, counts, offs)
+        out_NH = self._matmul(act_NF, fc2_weight, counts, offs, path)
         if fc2_bias is not None:
             # As megatron's expert MLP: the output bias is scaled by the gate too.
             out_NH = out_NH + fc2_bias.index_select(0, expert_N) * probs_N.unsqueeze(-1).to(out_NH.dtype)
+        return out_NH
         return out_NH, None

@@ -199,6 +199,14 @@ class AnyExpertsMoELayer(BaseMoELayer):
         return self.ae.k_rounding in LEARNED_ROUNDINGS and self.ae.k_max > self.ae.k_min
 
     @property
+    def computes_importance(self) -> bool:
+        """Whether forward runs the importance predictor: not when nothing reads w (one K for
+        every token, no fusion, budget or capacity order), as at the reduction to top-k."""
+        ae = self.ae
+        return self.importance is not None and (
+            ae.k_max > ae.k_min or self.uses_fusion or self.aux_losses.uses_budget or ae.capacity_factor is not None)
+
+    @property
     def uses_fusion(self) -> bool:
         return self.ae.learn_alpha or self.ae.alpha != 0.0
 
@@ -210,7 +218,7 @@ class AnyExpertsMoELayer(BaseMoELayer):
 
         info = token_info.current()
         modality_T = info.modality_for(hidden_TH.shape[0], hidden_TH.device) if info is not None else None
-        importance_T = self.importance(hidden_TH) if self.importance is not None else None
+        importance_T = self.importance(hidden_TH) if self.computes_importance else None
         # Position s of each row of [S, B, H] (row order s * B + b): the dither and the statistics use it.
         position_T = sequence_positions(in_shape, device=hidden_TH.device)
         allocation_importance_T = importance_T

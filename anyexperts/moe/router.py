@@ -253,12 +253,14 @@ class AnyExpertsRouter(Router):
     def controls_virtual(self) -> bool:
         return self.ae.virtual_target is not None and self.ae.holds_virtual_slots
 
-    def route(self, logits_TX: torch.Tensor, importance_T: torch.Tensor,
+    def route(self, logits_TX: torch.Tensor, importance_T: Optional[torch.Tensor],
               position_T: Optional[torch.Tensor] = None) -> Routing:
         """The routing decision for given logits and importance (no parameters involved);
-        position_T (sequence_positions) is required with the positional k_roundings."""
+        position_T (sequence_positions) is required with the positional k_roundings, importance_T
+        unless k_min == k_max."""
         ae = self.ae
-        allocation = allocate_slots(importance_T, position_T, ae, training=self.training)
+        allocation = allocate_slots(importance_T, position_T, ae, training=self.training,
+                                    num_tokens=logits_TX.shape[0], device=logits_TX.device)
         num_slots_T = allocation.num_slots_T
         max_virtual_by_k = self.max_virtual_by_k.to(num_slots_T.device)
         num_real_at_eval_T = None
@@ -295,7 +297,7 @@ class AnyExpertsRouter(Router):
     def routing(self, logits: torch.Tensor):  # megatron's abstract hook; the importance is needed too
         raise NotImplementedError("AnyExpertsRouter routes with route(logits_TX, importance_T, position_T)")
 
-    def forward(self, hidden_TH: torch.Tensor, importance_T: torch.Tensor,
+    def forward(self, hidden_TH: torch.Tensor, importance_T: Optional[torch.Tensor],
                 position_T: Optional[torch.Tensor] = None) -> Routing:
         routing = self.route(router_logits(self, hidden_TH), importance_T, position_T)
         if self.training and torch.is_grad_enabled():

@@ -26,7 +26,7 @@ Training loop duties (see losses.py and stats.py):
     anyexperts.moe.stats.collect(group=dp_group)              # per-layer routing statistics
 
 Expert modules (`expert_module`): None (default) is the project's GroupedExperts
-(experts.py: stacked weights, torch._grouped_mm); megatron's SequentialMLP or TEGroupedMLP
+(experts.py: stacked weights; its compute path, `expert_path`, in expert_paths.py); megatron's SequentialMLP or TEGroupedMLP
 classes are accepted too (same forward contract), as is any ModuleSpec. megatron-core's
 TransformerConfig fields the layer reads: num_moe_experts, moe_ffn_hidden_size,
 expert_model_parallel_size, moe_router_dtype, params_dtype, init_method,
@@ -61,7 +61,8 @@ def _base_layer_spec(use_transformer_engine: bool, normalization: str, te_groupe
     return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=_ANY_NUM_EXPERTS, normalization=normalization)
 
 
-def _expert_spec(expert_module, use_transformer_engine: bool, normalization: str) -> ModuleSpec:
+def _expert_spec(expert_module, use_transformer_engine: bool, normalization: str,
+                 expert_path: str = "auto") -> ModuleSpec:
     from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 
     from anyexperts.moe.experts import GroupedExperts
@@ -69,7 +70,7 @@ def _expert_spec(expert_module, use_transformer_engine: bool, normalization: str
     if isinstance(expert_module, ModuleSpec):
         return expert_module
     if expert_module is None or expert_module is GroupedExperts:
-        return ModuleSpec(module=GroupedExperts)
+        return grouped_experts_spec(expert_path)
     if expert_module in (SequentialMLP, TEGroupedMLP):
         wants_te_grouped = expert_module is TEGroupedMLP
         if wants_te_grouped and not use_transformer_engine:
@@ -83,6 +84,14 @@ def _expert_spec(expert_module, use_transformer_engine: bool, normalization: str
     if isinstance(expert_module, type):
         return ModuleSpec(module=expert_module)
     raise ValueError(f"expert_module={expert_module!r} must be None, a module class or a ModuleSpec")
+
+
+def grouped_experts_spec(expert_path: str = "auto") -> ModuleSpec:
+    """The project's GroupedExperts with its compute path (expert_paths.py); it also stands in
+    megatron's own MoELayer (MoESubmodules.experts), as moe.kind=topk with grouped_gemm does."""
+    from anyexperts.moe.experts import GroupedExperts
+
+    return ModuleSpec(module=GroupedExperts, params={"expert_path": expert_path})
 
 
 def _routing_method(routing_config: RoutingConfig) -> tuple[AnyExpertsConfig, Union[type, ModuleSpec]]:
@@ -103,16 +112,18 @@ def _routing_method(routing_config: RoutingConfig) -> tuple[AnyExpertsConfig, Un
 def get_anyexperts_moe_spec(routing_config: RoutingConfig, *, use_transformer_engine: bool = False,
                             normalization: str = "RMSNorm",
                             expert_module: Union[None, type, ModuleSpec] = None,
-                            rebalance: Optional[RebalanceConfig] = None) -> ModuleSpec:
+                            rebalance: Optional[RebalanceConfig] = None, expert_path: str = "auto") -> ModuleSpec:
     """The MLP part alone: ModuleSpec(AnyExpertsMoELayer, MoESubmodules(experts, router)), the
     router given by the config's type (AnyExperts, top-p or ReMoE); `rebalance` switches on
-    least-loaded expert parallelism (rebalance.py)."""
+    least-loaded expert parallelism (rebalance.py); `expert_path` is GroupedExperts' compute path
+    (expert_paths.py) when expert_module is the default."""
     from anyexperts.moe.layer import AnyExpertsMoELayer
 
     layer_settings, router = _routing_method(routing_config)
     return ModuleSpec(
         module=AnyExpertsMoELayer,
-        submodules=MoESubmodules(experts=_expert_spec(expert_module, use_transformer_engine, normalization),
+        submodules=MoESubmodules(experts=_expert_spec(expert_module, use_transformer_engine, normalization,
+                                                      expert_path),
                                  router=router),
         params={"anyexperts_config": layer_settings, "rebalance_config": rebalance},
         metainfo={"fuse_pre_mlp_layernorm": False},
@@ -122,7 +133,7 @@ def get_anyexperts_moe_spec(routing_config: RoutingConfig, *, use_transformer_en
 def get_anyexperts_layer_spec(routing_config: RoutingConfig, *, use_transformer_engine: bool = False,
                               normalization: str = "RMSNorm",
                               expert_module: Union[None, type, ModuleSpec] = None,
-                              rebalance: Optional[RebalanceConfig] = None) -> ModuleSpec:
+                              rebalance: Optional[RebalanceConfig] = None, expert_path: str = "auto") -> ModuleSpec:
     """A GPT TransformerLayer spec (megatron's local or TE layout) with the AnyExperts MLP."""
     if not isinstance(routing_config, (AnyExpertsConfig, TopPConfig, ReMoEConfig)):
         raise ValueError(f"routing_config must be an AnyExpertsConfig, TopPConfig or ReMoEConfig, "
@@ -132,8 +143,8 @@ def get_anyexperts_layer_spec(routing_config: RoutingConfig, *, use_transformer_
     base = _base_layer_spec(use_transformer_engine, normalization, te_grouped_gemm=False)
     mlp = get_anyexperts_moe_spec(routing_config, use_transformer_engine=use_transformer_engine,
                                   normalization=normalization, expert_module=expert_module,
-                                  rebalance=rebalance)
+                                  rebalance=rebalance, expert_path=expert_path)
     return dataclasses.replace(base, submodules=dataclasses.replace(base.submodules, mlp=mlp))
 
 
-__all__ = ["get_anyexperts_layer_spec", "get_anyexperts_moe_spec"]
+__all__ = ["get_anyexperts_layer_spec", "get_anyexperts_moe_spec", "grouped_experts_spec"]

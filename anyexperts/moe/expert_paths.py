@@ -1,0 +1,224 @@
+"""How GroupedExperts computes its FFNs over one expert-sorted buffer, and which way is fastest.
+
+    path = choose_path("auto", x_NH, fc1_weight, fc2_weight, counts, swiglu=True)  # cached per shape
+    out_NH = blocked_swiglu_experts(x_NH, probs_N, fc1_weight, fc2_weight, counts)   # path "blocked"
+
+Paths (`moe.expert_path`, `GroupedExperts(expert_path=...)`):
+  grouped_mm  torch._grouped_mm for fc1 and fc2 over the whole buffer, the weighted SwiGLU in
+              between on the whole [N, 2F] buffer: fewest operator calls, so best when each
+              expert has few rows (many experts, few tokens).
+  loop        one mm per expert into slices of one output (experts.py `_LoopGroupedMM`);
+              every dtype, and the fallback where grouped_mm's stride rules fail.
+  blocked     per expert, per block of rows: fc1 -> weighted SwiGLU -> fc2 while the block's
+              [rows, 2F] activations are still in cache, and the backward likewise per block
+              (the SwiGLU recomputed from the saved fc1 output). On CPU the [N, 2F] buffers of
+              the other paths do not fit in cache at a few thousand rows, and their elementwise
+              passes are memory-bound; here they are not. SwiGLU without biases, fp32/fp64.
+  auto        on CPU: each available path timed (forward + backward, on synthetic rows with
+              the same per-expert counts) the first time a shape is seen, the fastest kept for
+              that shape for the life of the process and logged once; on CUDA: grouped_mm where
+              its bf16 kernel runs, else loop (no timing: it would need device syncs).
+
+The shape key of the cache is (device, dtype, experts, H, F, gated, grad, log2 of the rows):
+rows within a factor of two share a choice, so variable-slot layers, whose row count moves
+every step, time each bucket once.
+
+Tests: tests/test_expert_paths.py. Benchmark: tools/bench_layer.py (`--expert-path`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EXPERT_PATHS = ("auto", "grouped_mm", "loop", "blocked")
+_BLOCKED_DTYPES = (torch.float32, torch.float64)
+# Bytes of one block's fc1 output [rows, 2F]: with the block's SwiGLU scratch it stays within
+# a 1-2 MiB L2. Measured on AMD EPYC (1 MiB L2) at F = 512: 128-512 rows within 3% of each other,
+# 64 rows 5% slower (operator overhead), whole experts 3-20% slower (cache misses).
+BLOCK_BYTES = 1 << 20
+_TIMING_REPEATS = 2
+# How much faster than the first candidate another path must time to be chosen.
+SWITCH_MARGIN = 0.03
+
+
+def block_rows(ffn_x2: int, element_size: int) -> int:
+    return max(64, min(1024, BLOCK_BYTES // max(1, ffn_x2 * element_size)))
+
+
+class _BlockedSwiGLUExperts(torch.autograd.Function):
+    """out[rows of e] = (silu(x W1a) * (x W1b) * p) W2 per expert e, computed in row blocks.
+
+    Saves x, p and the fc1 output h [N, 2F] (the grouped path saves h and the activation
+    too); the backward recomputes the SwiGLU per block from h. Weight gradients accumulate
+    over an expert's blocks in place (first block writes, the rest add).
+    """
+
+    @staticmethod
+    def forward(ctx, x_NH, probs_N, w1_EHF2, w2_EFH, counts: Sequence[int], rows: int, save: bool):
+        num_rows, hidden = x_NH.shape
+        ffn = w2_EFH.shape[1]
+        out_NH = x_NH.new_empty(num_rows, hidden)
+        h_NF2 = x_NH.new_empty(num_rows, 2 * ffn) if save else x_NH.new_empty(min(rows, num_rows), 2 * ffn)
+        start = 0
+        for expert, count in enumerate(counts):
+            for lo in range(start, start + count, rows):
+                hi = min(lo + rows, start + count)
+                n = hi - lo
+                h_nF2 = h_NF2[lo:hi] if save else h_NF2[:n]
+                torch.mm(x_NH[lo:hi], w1_EHF2[expert], out=h_nF2)
+                a_nF, b_nF = h_nF2.chunk(2, dim=-1)
+                act_nF = torch.nn.functional.silu(a_nF)
+                act_nF.mul_(b_nF).mul_(probs_N[lo:hi].unsqueeze(-1))
+                torch.mm(act_nF, w2_EFH[expert], out=out_NH[lo:hi])
+            start += count
+        if save:
+            ctx.save_for_backward(x_NH, probs_N, w1_EHF2, w2_EFH, h_NF2)
+        ctx.counts, ctx.rows = counts, rows
+        return out_NH
+
+    @staticmethod
+    def backward(ctx, grad_NH):
+        x_NH, probs_N, w1_EHF2, w2_EFH, h_NF2 = ctx.saved_tensors
+        counts, rows = ctx.counts, ctx.rows
+        need_x, need_p, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        grad_NH = grad_NH.contiguous()
+        ffn = w2_EFH.shape[1]
+        grad_x = torch.empty_like(x_NH) if need_x else None
+        grad_p = torch.empty_like(probs_N) if need_p else None
+        grad_w1 = torch.empty_like(w1_EHF2) if need_w1 else None
+        grad_w2 = torch.empty_like(w2_EFH) if need_w2 else None
+        block = max(1, min(rows, x_NH.shape[0]))
+        # Scratch reused by every block: the d(act), sigmoid, silu and d(h) of one block.
+        grad_act_BF, sig_BF, silu_BF = (x_NH.new_empty(block, ffn) for _ in range(3))
+        grad_h_BF2 = x_NH.new_empty(block, 2 * ffn)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                for grad_w in (grad_w1, grad_w2):
+                    if grad_w is not None:
+                        grad_w[expert].zero_()
+                continue
+            for lo in range(start, start + count, rows):
+                hi = min(lo + rows, start + count)
+                n, first = hi - lo, lo == start
+                grad_out_nH = grad_NH[lo:hi]
+                p_n1 = probs_N[lo:hi].unsqueeze(-1)
+                a_nF, b_nF = h_NF2[lo:hi].chunk(2, dim=-1)
+                grad_act = torch.mm(grad_out_nH, w2_EFH[expert].t(), out=grad_act_BF[:n])
+                sig = torch.sigmoid(a_nF, out=sig_BF[:n])
+                silu = torch.mul(a_nF, sig, out=silu_BF[:n])
+                grad_a, grad_b = grad_h_BF2[:n].chunk(2, dim=-1)
+                # grad_a's slot holds the unweighted activation silu(a) * b while it is needed.
+                unweighted = torch.mul(silu, b_nF, out=grad_a)
+                if grad_p is not None:
+                    torch.linalg.vecdot(grad_act, unweighted, out=grad_p[lo:hi])
+                if grad_w2 is not None:
+                    weighted = unweighted.mul_(p_n1)
+                    if first:
+                        torch.mm(weighted.t(), grad_out_nH, out=grad_w2[expert])
+                    else:
+                        grad_w2[expert].addmm_(weighted.t(), grad_out_nH)
+                torch.mul(grad_act, silu, out=grad_b).mul_(p_n1)
+                # d silu(a) / da = sig + silu (1 - sig), built in silu's buffer.
+                dsilu = silu.addcmul_(silu, sig, value=-1).add_(sig)
+                torch.mul(grad_act, b_nF, out=grad_a).mul_(dsilu).mul_(p_n1)
+                grad_h = grad_h_BF2[:n]
+                if grad_w1 is not None:
+                    if first:
+                        torch.mm(x_NH[lo:hi].t(), grad_h, out=grad_w1[expert])
+                    else:
+                        grad_w1[expert].addmm_(x_NH[lo:hi].t(), grad_h)
+                if grad_x is not None:
+                    torch.mm(grad_h, w1_EHF2[expert].t(), out=grad_x[lo:hi])
+            start += count
+        return grad_x, grad_p, grad_w1, grad_w2, None, None, None
+
+
+def blocked_swiglu_experts(x_NH: torch.Tensor, probs_N: torch.Tensor, w1_EHF2: torch.Tensor,
+                           w2_EFH: torch.Tensor, counts: Sequence[int], rows: Optional[int] = None) -> torch.Tensor:
+    """The "blocked" path: per expert, weighted SwiGLU FFN in row blocks (see the module docstring)."""
+    if rows is None:
+        rows = block_rows(w1_EHF2.shape[2], x_NH.element_size())
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_NH, probs_N, w1_EHF2, w2_EFH))
+    return _BlockedSwiGLUExperts.apply(x_NH.contiguous(), probs_N.to(x_NH.dtype).contiguous(),
+                                       w1_EHF2, w2_EFH, list(counts), rows, save)
+
+
+# ----------------------------------------------------------------------------------------------
+_CHOICES: dict = {}
+
+
+def clear_cache() -> None:
+    """Forgets every measured choice (tests; a process that changes threads mid-run)."""
+    _CHOICES.clear()
+
+
+def cached_choices() -> dict:
+    """{shape key: (path, {path: seconds})} of the shapes this process has timed."""
+    return dict(_CHOICES)
+
+
+def shape_key(x_NH: torch.Tensor, w1_EHF2: torch.Tensor, w2_EFH: torch.Tensor, gated: bool, grad: bool) -> tuple:
+    rows_bucket = int(math.log2(x_NH.shape[0])) if x_NH.shape[0] > 0 else -1
+    return (x_NH.device.type, str(x_NH.dtype).removeprefix("torch."), w1_EHF2.shape[0], w1_EHF2.shape[1],
+            w2_EFH.shape[1], gated, grad, rows_bucket, torch.get_num_threads())
+
+
+def available_paths(x_NH: torch.Tensor, w1_EHF2: torch.Tensor, *, swiglu: bool, has_bias: bool,
+                    grouped_ok: bool) -> list[str]:
+    paths = ["loop"]
+    if grouped_ok:
+        paths.insert(0, "grouped_mm")
+    if swiglu and not has_bias and x_NH.dtype in _BLOCKED_DTYPES and w1_EHF2.dtype == x_NH.dtype:
+        paths.append("blocked")
+    return paths
+
+
+def choose_path(requested: str, key: tuple, candidates: list[str],
+                time_path: Callable[[str], float]) -> str:
+    """The path to run: `requested` if forced (and available), else the cached or measured fastest.
+
+    time_path(path) -> seconds of one forward + backward on this shape; called only on the
+    first use of `key` with requested == "auto", and only on CPU (the caller's candidates)."""
+    if requested != "auto":
+        if requested not in candidates:
+            raise ValueError(f"expert_path={requested!r} cannot run this layer (available here: "
+                             f"{', '.join(candidates)}): 'blocked' needs SwiGLU experts without biases in "
+                             f"fp32/fp64, 'grouped_mm' 16-byte row strides; use expert_path=auto")
+        return requested
+    if len(candidates) == 1:
+        return candidates[0]
+    cached = _CHOICES.get(key)
+    if cached is not None:
+        return cached[0]
+    times = {path: time_path(path) for path in candidates}
+    best = min(times, key=times.get)
+    # The first candidate (grouped_mm, else loop) is kept unless another is clearly faster: a
+    # choice within the timing noise would flip between runs, and with it the rounding.
+    if times[best] > times[candidates[0]] * (1 - SWITCH_MARGIN):
+        best = candidates[0]
+    _CHOICES[key] = (best, times)
+    device, dtype, experts, hidden, ffn_x, gated, grad, bucket, threads = key
+    log.info("expert path for %d experts, H %d, F %d, %s, %s rows, %s, %d threads: %s (%s)",
+             experts, hidden, ffn_x, dtype, f"{2 ** bucket}-{2 ** (bucket + 1) - 1}" if bucket >= 0 else "0",
+             "forward + backward" if grad else "forward", threads, best,
+             ", ".join(f"{p} {t * 1e3:.2f} ms" for p, t in sorted(times.items(), key=lambda kv: kv[1])))
+    return best
+
+
+def time_candidate(run: Callable[[], None], repeats: int = _TIMING_REPEATS) -> float:
+    """Median-free minimum of `repeats` timed calls after one warm-up: the least disturbed sample."""
+    run()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
