@@ -15,8 +15,9 @@ are the steadier ones; compare ratios within one run, not absolute times between
 
   megatron             megatron-core MoELayer (top-k softmax router, aux losses off,
                        MoEAlltoAllTokenDispatcher, SequentialMLP).
-  topk                 the project's moe=topk layer (anyexperts.model.layer_specs: megatron's
-                       MoELayer with the run config's aux loss; top-1 gates are pre-softmax).
+  topk                 the project's top-k path, `moe=topk moe.grouped_gemm=true`
+                       (anyexperts.model.layer_specs: megatron's MoELayer with the run config's
+                       aux loss and the project's GroupedExperts; top-1 gates are pre-softmax).
   anyexperts_fixed_k   the AnyExperts layer at the reduction settings (k_min = k_max = k,
                        rho_max = 0, V = 0, alpha = 0, losses off), i.e. megatron's top-k MoELayer:
                        its forward output is checked against `megatron` once per case (the tool
@@ -33,7 +34,8 @@ their CPU-time twins (*_cpu_ms, cpu_*); real_per_token (real slots computed per 
 anyexperts_variable rows floor_ms is the floor of their own routing, megatron_ms megatron at
 top-k (the layer it replaces), time_ratio = time(r) / time(anyexperts_fixed_k) against
 expected_ratio = real_per_token / k. anyexperts_fixed_k rows carry output_rel_diff (max |ours -
-megatron| / max |megatron|). Targets (the issue): layer / megatron <= 0.95, layer / floor <= 1.15,
+megatron| / max |megatron|); the rows of the project's layers name the expert_path GroupedExperts
+ran (--expert-path; auto: timed on first use of the shape, during the warm-up). Targets (the issue): layer / megatron <= 0.95, layer / floor <= 1.15,
 time_ratio within 5% of expected_ratio.
 """
 
@@ -59,16 +61,16 @@ FULL_EXPERTS, FULL_TOKENS, FULL_TOPK = [8, 16, 64, 128], [1024, 4096, 16384], [1
 TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
 
 
-def project_config(*, num_experts: int, topk: int, hidden: int, ffn: int, dtype: str):
-    """(TrainConfig, TransformerConfig) of a one-layer moe=topk run of these sizes: the layers
-    below all take the run's own megatron settings (activation, router dtype, init)."""
+def project_config(*, num_experts: int, topk: int, hidden: int, ffn: int, dtype: str, expert_path: str = "auto"):
+    """(TrainConfig, TransformerConfig) of a one-layer `moe=topk moe.grouped_gemm=true` run of these
+    sizes: the layers below all take the run's own megatron settings (activation, router dtype, init)."""
     from anyexperts.config import TrainConfig
     from anyexperts.model import transformer_config
 
     cfg = TrainConfig()
     cfg.model = dataclasses.replace(cfg.model, num_layers=1, hidden_size=hidden, num_attention_heads=1)
     cfg.moe = dataclasses.replace(cfg.moe, kind="topk", num_experts=num_experts, expert_ffn_hidden_size=ffn,
-                                  router_topk=topk, layer_freq=1)
+                                  router_topk=topk, layer_freq=1, grouped_gemm=True, expert_path=expert_path)
     cfg.trainer = dataclasses.replace(cfg.trainer, precision=dtype)
     return cfg, transformer_config(cfg)
 
@@ -85,7 +87,7 @@ class Layers:
     """megatron, topk, anyexperts_fixed_k and anyexperts_variable layers of one (E, k), same weights."""
 
     def __init__(self, *, num_experts: int, topk: int, hidden: int, ffn: int, dtype: str,
-                 real_fractions: list, seed: int) -> None:
+                 real_fractions: list, seed: int, expert_path: str = "auto") -> None:
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
         from megatron.core.transformer.moe.experts import SequentialMLP
         from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -94,7 +96,8 @@ class Layers:
         from anyexperts.model import layer_specs
         from anyexperts.moe.specs import get_anyexperts_moe_spec
 
-        cfg, config = project_config(num_experts=num_experts, topk=topk, hidden=hidden, ffn=ffn, dtype=dtype)
+        cfg, config = project_config(num_experts=num_experts, topk=topk, hidden=hidden, ffn=ffn, dtype=dtype,
+                                     expert_path=expert_path)
         self.config, self.num_experts, self.topk, self.hidden = config, num_experts, topk, hidden
         torch.manual_seed(seed)
         ref_config = dataclasses.replace(config, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
@@ -110,11 +113,14 @@ class Layers:
             raise RuntimeError(f"megatron built {type(self.megatron.experts).__name__} with "
                                f"{type(self.megatron.token_dispatcher).__name__}, not SequentialMLP with alltoall")
         self.topk_layer = build_module(layer_specs(cfg, config)[0].submodules.mlp, config=config, layer_number=1)
-        self.topk_layer.load_state_dict(self.megatron.state_dict())
+        with torch.no_grad():
+            self.topk_layer.router.weight.copy_(self.megatron.router.weight)
+            self.topk_layer.experts.load_from_sequential_mlp(self.megatron.experts)
 
         def anyexperts(ae, layer_number):
             # Distinct layer numbers: each layer records its own statistics (stats.py keys by layer).
-            layer = build_module(get_anyexperts_moe_spec(ae), config=config, layer_number=layer_number)
+            layer = build_module(get_anyexperts_moe_spec(ae, expert_path=expert_path), config=config,
+                                 layer_number=layer_number)
             with torch.no_grad():
                 layer.router.weight.copy_(self.megatron.router.weight)
                 layer.experts.load_from_sequential_mlp(self.megatron.experts)
@@ -278,13 +284,14 @@ def bench_case(layers: Layers, num_tokens: int, opts: dict) -> list:
 
     rows = [row("megatron", "megatron"), row("floor", "floor"),
             row("anyexperts_fixed_k", "anyexperts_fixed_k", real_per_token=fixed_real,
-                output_rel_diff=diffs["anyexperts_fixed_k"]),
-            row("topk", "topk", output_rel_diff=diffs.get("topk"))]
+                output_rel_diff=diffs["anyexperts_fixed_k"], expert_path=layers.fixed.experts.last_path),
+            row("topk", "topk", output_rel_diff=diffs.get("topk"), expert_path=layers.topk_layer.experts.last_path)]
     for r in layers.variable:
         name = f"anyexperts_variable_r{r:g}"
         measured = [times[name][i] / times["anyexperts_fixed_k"][i] for i in range(2)]
         expected = variable_real[r] / layers.topk
         rows.append(row("anyexperts_variable", name, f"floor_r{r:g}", variable_real[r],
+                        expert_path=layers.variable[r].experts.last_path,
                         target_real_per_token=r, time_ratio=round(measured[0], 4),
                         cpu_time_ratio=round(measured[1], 4), expected_ratio=round(expected, 4),
                         within_5pct=abs(measured[0] / expected - 1) <= 0.05,
@@ -301,7 +308,8 @@ def bench(rank: int, world_size: int, opts: dict) -> list:
     for num_experts in opts["experts"]:
         for topk in (k for k in opts["topk"] if k <= num_experts):
             layers = Layers(num_experts=num_experts, topk=topk, hidden=opts["hidden"], ffn=opts["ffn"],
-                            dtype=opts["dtype"], real_fractions=opts["real_fraction"], seed=opts["seed"])
+                            dtype=opts["dtype"], real_fractions=opts["real_fraction"], seed=opts["seed"],
+                            expert_path=opts["expert_path"])
             for num_tokens in opts["tokens"]:
                 rows += bench_case(layers, num_tokens, opts)
     return rows
@@ -310,7 +318,7 @@ def bench(rank: int, world_size: int, opts: dict) -> list:
 COLUMNS = ["case", "num_tokens", "num_experts", "topk", "real_per_token", "layer_ms", "megatron_ms", "floor_ms",
            "layer_over_megatron", "layer_over_floor", "megatron_over_floor", "cpu_layer_over_megatron",
            "cpu_layer_over_floor", "cpu_megatron_over_floor", "time_ratio", "cpu_time_ratio", "expected_ratio",
-           "output_rel_diff"]
+           "output_rel_diff", "expert_path"]
 
 
 def print_table(rows: list) -> None:
@@ -331,6 +339,8 @@ def main(argv=None) -> list:
     parser.add_argument("--ffn", type=int, default=512)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--expert-path", default="auto", choices=("auto", "grouped_mm", "loop", "blocked"),
+                        help="GroupedExperts' compute path in the anyexperts and topk rows (moe.expert_path)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one tiny case: 8 experts, 256 tokens, k 2, 3 repeats")
     parser.add_argument("--full", action="store_true",
