@@ -53,9 +53,10 @@ class MoEConfig:
     # it the project's GroupedExperts in megatron's MoELayer (the project's top-k path). Other
     # kinds always use GroupedExperts. False: megatron's SequentialMLP (checkpoints differ).
     grouped_gemm: bool = False
-    # How GroupedExperts computes (anyexperts/moe/expert_paths.py): auto (CPU: the fastest path,
-    # timed on the first use of each shape; GPU: grouped_mm where it runs) | grouped_mm | loop |
-    # blocked. Not used by moe.kind=topk with grouped_gemm=false (megatron's SequentialMLP).
+    # How GroupedExperts computes (anyexperts/moe/expert_paths.py): auto (a rule of the shape, the
+    # same every run: CPU blocked from 64 rows per expert, else grouped_mm; GPU grouped_mm where it
+    # runs) | measure (CPU: the fastest, timed on first use of a shape; runs may differ in rounding)
+    # | grouped_mm | loop | blocked. Unused by moe.kind=topk without grouped_gemm (SequentialMLP).
     expert_path: str = "auto"
     # Settings of the AnyExperts layer (used when kind == "anyexperts").
     anyexperts: AnyExpertsConfig = field(default_factory=AnyExpertsConfig)

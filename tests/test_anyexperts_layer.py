@@ -7,7 +7,8 @@ tests then check:
 - reduction: k_min = k_max = k, rho_max = 0, V = 0, alpha = 0 against megatron-core's
   MoELayer (top-k softmax, alltoall dispatcher, SequentialMLP, aux losses off), same
   weights, float64: outputs, input / router / expert gradients, with our layer running
-  megatron's SequentialMLP and the project's GroupedExperts. Tolerance 1e-6 relative to
+  megatron's SequentialMLP and the project's GroupedExperts, and megatron's MoELayer with
+  GroupedExperts (the project's top-k path, moe=topk moe.grouped_gemm=true). Tolerance 1e-6 relative to
   the values' scale: megatron computes the top-k softmax in float32 even in a float64
   model (moe_utils.topk_routing_with_score_function, dtype=torch.float32), which leaves
   differences of ~1e-9 relative; everything else agrees to float64 rounding.
@@ -80,6 +81,7 @@ def _reduction(expert_module_name: str, num_experts: int, topk: int) -> dict:
 
     from anyexperts import AnyExpertsConfig
     from anyexperts.moe import stats
+    from anyexperts.moe.specs import grouped_experts_spec
 
     stats.reset()
     torch.manual_seed(num_experts * 10 + topk)
@@ -97,10 +99,19 @@ def _reduction(expert_module_name: str, num_experts: int, topk: int) -> dict:
             ours.experts.load_state_dict(reference.experts.state_dict())
         else:
             ours.experts.load_from_sequential_mlp(reference.experts)
+    # The project's top-k path (moe=topk moe.grouped_gemm=true): megatron's MoELayer, GroupedExperts.
+    spec = get_moe_module_spec(use_te=False, num_experts=num_experts)
+    spec.submodules.experts = grouped_experts_spec("auto")
+    topk_grouped = build_module(spec, config=config, layer_number=1)
+    with torch.no_grad():
+        topk_grouped.router.weight.copy_(reference.router.weight)
+        topk_grouped.experts.load_from_sequential_mlp(reference.experts)
+    importance_calls = []
+    ours.importance.register_forward_hook(lambda *args: importance_calls.append(1))
     hidden = torch.randn(6, 3, config.hidden_size, dtype=torch.float64)
     grad_out = torch.randn_like(hidden)
     results = {}
-    for name, layer in (("reference", reference), ("ours", ours)):
+    for name, layer in (("reference", reference), ("ours", ours), ("topk_grouped", topk_grouped)):
         layer.train()
         x = hidden.clone().requires_grad_(True)
         y, bias = layer(x)
@@ -118,11 +129,17 @@ def _reduction(expert_module_name: str, num_experts: int, topk: int) -> dict:
                         for e in range(num_experts)]
         expert_pairs += [(ours.experts.fc2_weight.grad[e].t(), ref_experts[e].linear_fc2.weight.grad)
                          for e in range(num_experts)]
-    a, b = results["ours"], results["reference"]
-    return dict(output=rel_diff(a["y"], b["y"]), input_grad=rel_diff(a["x_grad"], b["x_grad"]),
-                router_grad=rel_diff(a["router_grad"], b["router_grad"]),
+    expert_pairs += [(topk_grouped.experts.fc1_weight.grad[e].t(), ref_experts[e].linear_fc1.weight.grad)
+                     for e in range(num_experts)]
+    expert_pairs += [(topk_grouped.experts.fc2_weight.grad[e].t(), ref_experts[e].linear_fc2.weight.grad)
+                     for e in range(num_experts)]
+    b = results["reference"]
+    diffs = {key: max(rel_diff(results[name][key], b[key]) for name in ("ours", "topk_grouped"))
+             for key in ("y", "x_grad", "router_grad")}
+    return dict(output=diffs["y"], input_grad=diffs["x_grad"], router_grad=diffs["router_grad"],
                 expert_grads=max(rel_diff(x, y) for x, y in expert_pairs),
-                importance_has_no_grad=all(p.grad is None for p in ours.importance.parameters()))
+                importance_has_no_grad=all(p.grad is None for p in ours.importance.parameters()),
+                importance_not_computed=not importance_calls and not ours.computes_importance)
 
 
 def _gpt_model(tmp_dir: str) -> dict:
@@ -258,8 +275,9 @@ def test_reduction_to_megatron_topk_moe(results, case):
     diffs = results["reduction"][case]
     for name in ("output", "input_grad", "router_grad", "expert_grads"):
         assert diffs[name] <= 1e-6, f"{case} {name}: relative difference {diffs[name]:.2e}"
-    # w sets nothing when k_min = k_max and alpha = 0: its MLP is frozen, not silently untrained.
-    assert diffs["importance_has_no_grad"]
+    # w sets nothing when k_min = k_max and alpha = 0: its MLP is frozen, not silently untrained,
+    # and not run at all.
+    assert diffs["importance_has_no_grad"] and diffs["importance_not_computed"]
 
 
 def test_gpt_model_with_anyexperts_layers_trains(results):

@@ -43,6 +43,8 @@ def test_tiny_run_writes_every_row_with_its_fields(tmp_path, capsys):
         assert row["real_per_token"] == row["topk"]
     for row in (r for r in rows if r["case"] == "anyexperts_fixed_k"):
         assert row["output_rel_diff"] <= bench_layer.TOLERANCE["fp32"]
+    # The project's layers name the GroupedExperts path they ran (auto's rule: few rows per expert).
+    assert {r["expert_path"] for r in rows if r["case"] not in ("megatron", "floor")} == {"grouped_mm"}
     (variable,) = (r for r in rows if r["case"] == "anyexperts_variable")
     # r = max(1, 0.5 * 2) = 1: every token keeps one of its two slots.
     assert variable["real_per_token"] == variable["target_real_per_token"] == 1.0

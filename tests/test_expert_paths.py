@@ -68,7 +68,7 @@ def empty_cache():
     expert_paths.clear_cache()
 
 
-def test_auto_times_each_shape_once_keeps_the_fastest_and_logs_it(empty_cache, caplog):
+def test_measure_times_each_shape_once_keeps_the_fastest_and_logs_it(empty_cache, caplog):
     calls = []
     seconds = {"grouped_mm": 3.0, "loop": 2.0, "blocked": 1.0}
 
@@ -78,24 +78,40 @@ def test_auto_times_each_shape_once_keeps_the_fastest_and_logs_it(empty_cache, c
 
     key = ("cpu", "float32", 8, 256, 512, True, True, 11, 1)
     with caplog.at_level(logging.INFO, logger="anyexperts.moe.expert_paths"):
-        assert choose_path("auto", key, ["grouped_mm", "loop", "blocked"], time_path) == "blocked"
-        assert choose_path("auto", key, ["grouped_mm", "loop", "blocked"], time_path) == "blocked"
+        assert choose_path("measure", key, ["grouped_mm", "loop", "blocked"], time_path) == "blocked"
+        assert choose_path("measure", key, ["grouped_mm", "loop", "blocked"], time_path) == "blocked"
     assert calls == ["grouped_mm", "loop", "blocked"]  # timed once
-    assert expert_paths.cached_choices()[key][0] == "blocked"
+    assert expert_paths.cached_choices()[("measure", key)][0] == "blocked"
     messages = [r.getMessage() for r in caplog.records if "expert path" in r.getMessage()]
     assert len(messages) == 1 and "blocked" in messages[0] and "2048-4095 rows" in messages[0]
     # Another shape bucket is timed on its own.
     other = key[:7] + (12, 1)
-    assert choose_path("auto", other, ["grouped_mm", "loop"], lambda p: {"grouped_mm": 1.0, "loop": 2.0}[p]) \
+    assert choose_path("measure", other, ["grouped_mm", "loop"], lambda p: {"grouped_mm": 1.0, "loop": 2.0}[p]) \
         == "grouped_mm"
 
 
-def test_auto_keeps_the_first_candidate_unless_another_is_clearly_faster(empty_cache):
+def test_measure_keeps_the_first_candidate_unless_another_is_clearly_faster(empty_cache):
     key = ("cpu", "float32", 8, 256, 512, True, True, 11, 1)
     near = {"grouped_mm": 1.0, "blocked": 1.0 - expert_paths.SWITCH_MARGIN / 2}
-    assert choose_path("auto", key, ["grouped_mm", "blocked"], near.get) == "grouped_mm"
+    assert choose_path("measure", key, ["grouped_mm", "blocked"], near.get) == "grouped_mm"
     far = {"grouped_mm": 1.0, "blocked": 1.0 - 2 * expert_paths.SWITCH_MARGIN}
-    assert choose_path("auto", key[:7] + (12, 1), ["grouped_mm", "blocked"], far.get) == "blocked"
+    assert choose_path("measure", key[:7] + (12, 1), ["grouped_mm", "blocked"], far.get) == "blocked"
+
+
+def test_auto_is_a_rule_of_rows_per_expert_and_never_times(empty_cache, caplog):
+    def never(path):
+        raise AssertionError("auto must not time")
+
+    rows = expert_paths.BLOCKED_MIN_ROWS_PER_EXPERT
+    for num_experts in (8, 128):
+        bucket = (rows * num_experts).bit_length() - 1      # log2 of the smallest row count that qualifies
+        many = ("cpu", "float32", num_experts, 256, 512, True, True, bucket, 1)
+        few = many[:7] + (bucket - 1, 1)
+        with caplog.at_level(logging.INFO, logger="anyexperts.moe.expert_paths"):
+            assert choose_path("auto", many, ["grouped_mm", "loop", "blocked"], never) == "blocked"
+            assert choose_path("auto", few, ["grouped_mm", "loop", "blocked"], never) == "grouped_mm"
+            assert choose_path("auto", few[:1] + ("float16",) + few[2:], ["loop"], never) == "loop"
+    assert any("rule: blocked from" in r.getMessage() for r in caplog.records)
 
 
 def test_a_forced_path_is_not_timed_and_an_unavailable_one_is_refused(empty_cache):
@@ -117,10 +133,10 @@ def _config(**overrides):
     return TransformerConfig(**kwargs)
 
 
-def test_grouped_experts_auto_measures_without_touching_grads_or_the_global_rng(empty_cache):
+def test_grouped_experts_measure_times_without_touching_grads_or_the_global_rng(empty_cache):
     from anyexperts.moe.experts import GroupedExperts
 
-    experts = GroupedExperts(4, _config())
+    experts = GroupedExperts(4, _config(), expert_path="measure")
     x, p = torch.randn(40, 8, requires_grad=True), torch.rand(40, requires_grad=True)
     state = torch.get_rng_state()
     out, _ = experts(x, [10, 10, 0, 20], p)
@@ -133,7 +149,7 @@ def test_grouped_experts_auto_measures_without_touching_grads_or_the_global_rng(
     gelu = GroupedExperts(4, _config(gated_linear_unit=False, activation_func=F.gelu), expert_path="blocked")
     with pytest.raises(ValueError, match="expert_path='blocked'"):
         gelu(x, [10, 10, 0, 20], p)
-    with pytest.raises(ValueError, match="expert_path='fast' must be one of auto, grouped_mm, loop, blocked"):
+    with pytest.raises(ValueError, match="expert_path='fast' must be one of auto, measure, grouped_mm, loop, blocked"):
         GroupedExperts(4, _config(), expert_path="fast")
 
 

@@ -249,6 +249,37 @@ def test_bench_throughput_reads_the_windows_after_warm_up_and_the_final_checkpoi
     assert bench_throughput.final_checkpoint(run_dir).name == "step_0001000"
 
 
+def test_bench_throughput_main_job_needs_no_grid_and_refuses_both(monkeypatch):
+    import bench_throughput
+
+    assert list(bench_throughput.MAIN_JOB_METHODS) == ["topk", "topk_grouped", "anyexperts"]
+    assert bench_throughput.MAIN_JOB_METHODS["topk_grouped"] == ["moe=topk", "moe.grouped_gemm=true"]
+    for argv in ([], ["--main-job", "--grid-dir", "x"]):
+        monkeypatch.setattr(sys, "argv", ["bench_throughput.py", *argv])
+        with pytest.raises(SystemExit, match="either --grid-dir"):
+            bench_throughput.main()
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--main-job", "--methods", "anyexperts"])
+    with pytest.raises(SystemExit, match="must include topk"):
+        bench_throughput.main()
+
+
+def test_bench_expert_paths_times_every_path_and_reports_the_rule(tmp_path, capsys):
+    import bench_expert_paths
+
+    out = tmp_path / "paths.json"
+    rows = bench_expert_paths.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [(r["num_experts"], r["rows_per_expert"]) for r in rows] == [(4, 8), (4, 64)]
+    for row in rows:
+        times = {p: row[f"{p}_ms"] for p in bench_expert_paths.PATHS}
+        assert all(t > 0 for t in times.values()) and row["best"] == min(times, key=times.get)
+        assert row["rule_over_best"] >= 1.0
+        assert row["rule_over_best"] == pytest.approx(times[row["auto"]] / times[row["best"]], rel=1e-2)
+    # auto's rule: grouped_mm below 64 rows per expert, blocked from there.
+    assert [r["auto"] for r in rows] == ["grouped_mm", "blocked"]
+    assert "rule_over_best" in capsys.readouterr().out
+
+
 def test_eval_uniform_k_covers_each_methods_slot_range():
     import eval_uniform_k
 

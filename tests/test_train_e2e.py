@@ -69,6 +69,13 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def grouped_topk_runs(tmp_path_factory):
+    # The project's top-k path: megatron's MoELayer with GroupedExperts.
+    return _ep2_and_ep1_runs(tmp_path_factory.mktemp("grouped_topk_runs"), ["moe=topk", "moe.grouped_gemm=true"],
+                             steps_ep2=4, steps_ep1=3)
+
+
+@pytest.fixture(scope="module")
 def anyexperts_runs(tmp_path_factory):
     return _ep2_and_ep1_runs(tmp_path_factory.mktemp("anyexperts_runs"), ANYEXPERTS, steps_ep2=8, steps_ep1=4)
 
@@ -98,6 +105,14 @@ def test_expert_parallel_matches_single_process(runs):
     losses_ep2 = _losses(ep2)[:3]
     assert len(losses_ep1) == 3
     for step, (a, b) in enumerate(zip(losses_ep1, losses_ep2), start=1):
+        assert abs(a - b) <= 1e-5, f"step {step}: EP=1 {a} vs EP=2 {b}"
+
+
+def test_grouped_topk_path_learns_and_matches_single_process(grouped_topk_runs):
+    ep1, ep2 = grouped_topk_runs
+    losses_ep2 = _losses(ep2)
+    assert len(losses_ep2) == 4 and losses_ep2[-1] < losses_ep2[0], losses_ep2
+    for step, (a, b) in enumerate(zip(_losses(ep1), losses_ep2[:3]), start=1):
         assert abs(a - b) <= 1e-5, f"step {step}: EP=1 {a} vs EP=2 {b}"
 
 

@@ -35,7 +35,8 @@ anyexperts_variable rows floor_ms is the floor of their own routing, megatron_ms
 top-k (the layer it replaces), time_ratio = time(r) / time(anyexperts_fixed_k) against
 expected_ratio = real_per_token / k. anyexperts_fixed_k rows carry output_rel_diff (max |ours -
 megatron| / max |megatron|); the rows of the project's layers name the expert_path GroupedExperts
-ran (--expert-path; auto: timed on first use of the shape, during the warm-up). Targets (the issue): layer / megatron <= 0.95, layer / floor <= 1.15,
+ran (--expert-path; auto: the shape rule of anyexperts/moe/expert_paths.py; measure: timed on first
+use of the shape, during the warm-up). Targets (the issue): layer / megatron <= 0.95, layer / floor <= 1.15,
 time_ratio within 5% of expected_ratio.
 """
 
@@ -339,7 +340,7 @@ def main(argv=None) -> list:
     parser.add_argument("--ffn", type=int, default=512)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--expert-path", default="auto", choices=("auto", "grouped_mm", "loop", "blocked"),
+    parser.add_argument("--expert-path", default="auto", choices=("auto", "measure", "grouped_mm", "loop", "blocked"),
                         help="GroupedExperts' compute path in the anyexperts and topk rows (moe.expert_path)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one tiny case: 8 experts, 256 tokens, k 2, 3 repeats")

@@ -1,6 +1,6 @@
 """How GroupedExperts computes its FFNs over one expert-sorted buffer, and which way is fastest.
 
-    path = choose_path("auto", x_NH, fc1_weight, fc2_weight, counts, swiglu=True)  # cached per shape
+    path = choose_path("auto", key, candidates, time_path)    # cached per shape, logged once
     out_NH = blocked_swiglu_experts(x_NH, probs_N, fc1_weight, fc2_weight, counts)   # path "blocked"
 
 Paths (`moe.expert_path`, `GroupedExperts(expert_path=...)`):
@@ -14,16 +14,23 @@ Paths (`moe.expert_path`, `GroupedExperts(expert_path=...)`):
               (the SwiGLU recomputed from the saved fc1 output). On CPU the [N, 2F] buffers of
               the other paths do not fit in cache at a few thousand rows, and their elementwise
               passes are memory-bound; here they are not. SwiGLU without biases, fp32/fp64.
-  auto        on CPU: each available path timed (forward + backward, on synthetic rows with
-              the same per-expert counts) the first time a shape is seen, the fastest kept for
-              that shape for the life of the process and logged once; on CUDA: grouped_mm where
-              its bf16 kernel runs, else loop (no timing: it would need device syncs).
+  auto        (the default) a rule of the shape, the same on every run: on CPU blocked where it
+              can run and the experts average at least BLOCKED_MIN_ROWS_PER_EXPERT rows, else
+              grouped_mm, else loop; on CUDA grouped_mm where its bf16 kernel runs, else loop.
+              tools/bench_expert_paths.py times every path over a grid of shapes and reports
+              what the rule loses against the fastest (docs/RESULTS.md).
+  measure     on CPU: each available path timed (forward + backward on random rows with the
+              same per-expert counts, the layer's weights copied, the global RNG untouched) the
+              first time a shape is seen; the fastest is kept for the process unless it is within
+              SWITCH_MARGIN of the first candidate. Timing noise can make two runs choose
+              differently, and the paths round differently: a run that must repeat another bit
+              for bit (a resumed or requeued job) should use auto or a fixed path.
 
-The shape key of the cache is (device, dtype, experts, H, F, gated, grad, log2 of the rows):
-rows within a factor of two share a choice, so variable-slot layers, whose row count moves
-every step, time each bucket once.
+Every choice is cached per shape key (device, dtype, experts, H, F, gated, grad, log2 of the
+rows, threads) and logged once; rows within a factor of two share a key and a choice, so a
+variable-slot layer, whose row count moves every step, does not switch paths within a bucket.
 
-Tests: tests/test_expert_paths.py. Benchmark: tools/bench_layer.py (`--expert-path`).
+Tests: tests/test_expert_paths.py. Benchmarks: tools/bench_expert_paths.py, tools/bench_layer.py.
 """
 
 from __future__ import annotations
@@ -37,13 +44,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-EXPERT_PATHS = ("auto", "grouped_mm", "loop", "blocked")
+EXPERT_PATHS = ("auto", "measure", "grouped_mm", "loop", "blocked")
 _BLOCKED_DTYPES = (torch.float32, torch.float64)
 # Bytes of one block's fc1 output [rows, 2F]: with the block's SwiGLU scratch it stays within
 # a 1-2 MiB L2. Measured on AMD EPYC (1 MiB L2) at F = 512: 128-512 rows within 3% of each other,
 # 64 rows 5% slower (operator overhead), whole experts 3-20% slower (cache misses).
 BLOCK_BYTES = 1 << 20
 _TIMING_REPEATS = 3
+# auto's rule: below this many rows per expert the blocked path's per-block operator calls cost
+# more than its cache reuse saves (tools/bench_expert_paths.py; docs/RESULTS.md).
+BLOCKED_MIN_ROWS_PER_EXPERT = 64
 # How much faster than the first candidate another path must time to be chosen.
 SWITCH_MARGIN = 0.03
 
@@ -180,7 +190,7 @@ def clear_cache() -> None:
 
 
 def cached_choices() -> dict:
-    """{shape key: (path, {path: seconds})} of the shapes this process has timed."""
+    """{(auto or measure, shape key): (path, {path: seconds, measure only})} of this process."""
     return dict(_CHOICES)
 
 
@@ -200,35 +210,49 @@ def available_paths(x_NH: torch.Tensor, w1_EHF2: torch.Tensor, *, swiglu: bool, 
     return paths
 
 
-def choose_path(requested: str, key: tuple, candidates: list[str],
-                time_path: Callable[[str], float]) -> str:
-    """The path to run: `requested` if forced (and available), else the cached or measured fastest.
+def rule_path(key: tuple, candidates: list[str]) -> str:
+    """auto's choice for a CPU shape key: blocked from BLOCKED_MIN_ROWS_PER_EXPERT rows per expert
+    (the bucket's lower end, so one key has one answer), else the first candidate."""
+    num_experts, bucket = key[2], key[7]
+    if "blocked" in candidates and bucket >= 0 and 2 ** bucket >= BLOCKED_MIN_ROWS_PER_EXPERT * num_experts:
+        return "blocked"
+    return candidates[0]
 
-    time_path(path) -> seconds of one forward + backward on this shape; called only on the
-    first use of `key` with requested == "auto", and only on CPU (the caller's candidates)."""
-    if requested != "auto":
+
+def choose_path(requested: str, key: tuple, candidates: list[str],
+                time_path: Optional[Callable[[str], float]]) -> str:
+    """The path to run: `requested` if it names a path (and it can run), else auto's rule or, with
+    "measure", the fastest timed; cached per key and logged once.
+
+    time_path(path) -> seconds of one forward (+ backward) on this shape; called only on the
+    first use of `key` with requested == "measure"."""
+    if requested not in ("auto", "measure"):
         if requested not in candidates:
             raise ValueError(f"expert_path={requested!r} cannot run this layer (available here: "
                              f"{', '.join(candidates)}): 'blocked' needs SwiGLU experts without biases in "
-                             f"fp32/fp64, 'grouped_mm' 16-byte row strides; use expert_path=auto")
+                             f"fp32/fp64 on CPU, 'grouped_mm' 16-byte row strides; use expert_path=auto")
         return requested
     if len(candidates) == 1:
         return candidates[0]
-    cached = _CHOICES.get(key)
+    cached = _CHOICES.get((requested, key))
     if cached is not None:
         return cached[0]
-    times = {path: time_path(path) for path in candidates}
-    best = min(times, key=times.get)
-    # The first candidate (grouped_mm, else loop) is kept unless another is clearly faster: a
-    # choice within the timing noise would flip between runs, and with it the rounding.
-    if times[best] > times[candidates[0]] * (1 - SWITCH_MARGIN):
-        best = candidates[0]
-    _CHOICES[key] = (best, times)
+    times = {}
+    if requested == "measure":
+        times = {path: time_path(path) for path in candidates}
+        best = min(times, key=times.get)
+        # The first candidate (grouped_mm, else loop) is kept unless another is clearly faster.
+        if times[best] > times[candidates[0]] * (1 - SWITCH_MARGIN):
+            best = candidates[0]
+        why = ", ".join(f"{p} {t * 1e3:.2f} ms" for p, t in sorted(times.items(), key=lambda kv: kv[1]))
+    else:
+        best = rule_path(key, candidates)
+        why = f"rule: blocked from {BLOCKED_MIN_ROWS_PER_EXPERT} rows per expert; candidates {', '.join(candidates)}"
+    _CHOICES[(requested, key)] = (best, times)
     device, dtype, experts, hidden, ffn_x, gated, grad, bucket, threads = key
     log.info("expert path for %d experts, H %d, F %d, %s, %s rows, %s, %d threads: %s (%s)",
              experts, hidden, ffn_x, dtype, f"{2 ** bucket}-{2 ** (bucket + 1) - 1}" if bucket >= 0 else "0",
-             "forward + backward" if grad else "forward", threads, best,
-             ", ".join(f"{p} {t * 1e3:.2f} ms" for p, t in sorted(times.items(), key=lambda kv: kv[1])))
+             "forward + backward" if grad else "forward", threads, best, why)
     return best
 
 

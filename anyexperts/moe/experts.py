@@ -21,9 +21,10 @@ Compute paths (`expert_path`, config `moe.expert_path`; expert_paths.py): "group
 16-byte row strides, CUDA bf16 on sm90/sm100), "loop" (`_LoopGroupedMM`, a per-expert loop
 writing into slices of one output, no torch.cat in either direction; every dtype), "blocked"
 (per expert and row block, fc1 -> SwiGLU -> fc2 while the block is in cache; CPU, fp32/fp64
-SwiGLU without biases) and "auto" (the default: on CPU the fastest of them, timed on the
-first use of each shape and cached; on CUDA grouped_mm where it runs, else loop). The CUDA
-paths are written for but untested on a GPU.
+SwiGLU without biases), "auto" (the default: a rule of the shape, blocked from 64 rows per
+expert on CPU, the same on every run; on CUDA grouped_mm where it runs, else loop) and
+"measure" (CPU: the fastest, timed on the first use of each shape). The CUDA paths are
+written for but untested on a GPU.
 
 Tests: tests/test_experts.py.
 """
@@ -249,7 +250,7 @@ class GroupedExperts(MegatronModule):
         grouped_ok = grouped_mm_supported(tokens_NH, fc1_weight)
         if tokens_NH.is_cuda:  # no timing on a GPU: grouped_mm where its kernel runs, else the loop
             candidates = ["grouped_mm", "loop"] if grouped_ok else ["loop"]
-            return candidates[0] if self.expert_path == "auto" else expert_paths.choose_path(
+            return candidates[0] if self.expert_path in ("auto", "measure") else expert_paths.choose_path(
                 self.expert_path, (), candidates, None)
         candidates = expert_paths.available_paths(tokens_NH, fc1_weight, swiglu=self._weighted_swiglu(),
                                                   has_bias=len(weights) > 2, grouped_ok=grouped_ok)
