@@ -195,7 +195,7 @@ def cached_choices() -> dict:
 
 
 def shape_key(x_NH: torch.Tensor, w1_EHF2: torch.Tensor, w2_EFH: torch.Tensor, gated: bool, grad: bool) -> tuple:
-    rows_bucket = int(math.log2(x_NH.shape[0])) if x_NH.shape[0] > 0 else -1
+    rows_bucket = x_NH.shape[0].bit_length() - 1  # floor(log2 rows); -1 for no rows
     return (x_NH.device.type, str(x_NH.dtype).removeprefix("torch."), w1_EHF2.shape[0], w1_EHF2.shape[1],
             w2_EFH.shape[1], gated, grad, rows_bucket, torch.get_num_threads())
 
