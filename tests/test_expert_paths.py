@@ -56,7 +56,7 @@ def test_blocked_without_grad_saves_nothing_and_gives_the_same_output():
 
 
 def test_block_rows_keep_a_block_cache_sized():
-    assert expert_paths.block_rows(1024, 4) == 256      # F = 512 in fp32: a 1 MiB fc1 block
+    assert expert_paths.block_rows(1024, 4) == 512      # F = 512 in fp32: a 2 MiB fc1 block
     assert expert_paths.block_rows(1 << 16, 4) == 64    # huge F: never fewer than 64 rows
     assert expert_paths.block_rows(8, 4) == 1024        # tiny F: never more than 1024
 

@@ -46,10 +46,11 @@ log = logging.getLogger(__name__)
 
 EXPERT_PATHS = ("auto", "measure", "grouped_mm", "loop", "blocked")
 _BLOCKED_DTYPES = (torch.float32, torch.float64)
-# Bytes of one block's fc1 output [rows, 2F]: with the block's SwiGLU scratch it stays within
-# a 1-2 MiB L2. Measured on AMD EPYC (1 MiB L2) at F = 512: 128-512 rows within 3% of each other,
-# 64 rows 5% slower (operator overhead), whole experts 3-20% slower (cache misses).
-BLOCK_BYTES = 1 << 20
+# Bytes of one block's fc1 output [rows, 2F] (512 rows at F = 512 in fp32). Measured on AMD EPYC
+# (1 MiB L2 per core, 32 MiB L3), dispatcher + experts forward + backward at 1k-4k tokens x 8-64
+# experts, top-4: 2 MiB blocks 0.4-3% faster than 1 MiB ones (fewer operator calls), 4 MiB mixed;
+# 64-row blocks are slower (operator overhead), whole experts of thousands of rows too (cache).
+BLOCK_BYTES = 2 << 20
 _TIMING_REPEATS = 3
 # auto's rule: below this many rows per expert the blocked path's per-block operator calls cost
 # more than its cache reuse saves (tools/bench_expert_paths.py; docs/RESULTS.md).
