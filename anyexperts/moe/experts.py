@@ -26,7 +26,7 @@ expert on CPU, the same on every run; on CUDA grouped_mm where it runs, else loo
 "measure" (CPU: the fastest, timed on the first use of each shape). The CUDA paths are
 written for but untested on a GPU.
 
-Tests: tests/test_experts.py.
+Tests: tests/test_experts.py, tests/test_expert_paths.py.
 """
 
 from __future__ import annotations
@@ -144,6 +144,10 @@ def grouped_mm_supported(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
 
 class GroupedExperts(MegatronModule):
     """Local experts with stacked weights; drop-in for megatron's SequentialMLP."""
+
+    # Rows expert_path="measure" times a shape on: enough blocks per expert to show cache
+    # effects, few enough that timing every path costs about a second.
+    TIMING_ROWS = 8192
 
     def __init__(self, num_local_experts: int, config: TransformerConfig, submodules=None,
                  pg_collection=None, *, expert_path: str = "auto"):
@@ -283,10 +287,6 @@ class GroupedExperts(MegatronModule):
                 leaf.grad = None
 
         return expert_paths.time_candidate(run)
-
-    # Rows the first-use timing of a shape runs on: enough blocks per expert to show cache
-    # effects, few enough that timing every path costs about a second.
-    TIMING_ROWS = 8192
 
     def _activation(self, fc1_NF: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
         if self._weighted_swiglu():
