@@ -26,8 +26,9 @@ Training loop duties (see losses.py and stats.py):
     anyexperts.moe.stats.collect(group=dp_group)              # per-layer routing statistics
 
 Expert modules (`expert_module`): None (default) is the project's GroupedExperts
-(experts.py: stacked weights; its compute path, `expert_path`, in expert_paths.py); megatron's SequentialMLP or TEGroupedMLP
-classes are accepted too (same forward contract), as is any ModuleSpec. megatron-core's
+(experts.py: stacked weights; its compute path, `expert_path`, in expert_paths.py);
+megatron's SequentialMLP or TEGroupedMLP classes are accepted too (same forward contract),
+as is any ModuleSpec. megatron-core's
 TransformerConfig fields the layer reads: num_moe_experts, moe_ffn_hidden_size,
 expert_model_parallel_size, moe_router_dtype, params_dtype, init_method,
 calculate_per_token_loss; moe_router_topk is unused (K comes from AnyExpertsConfig).
