@@ -133,6 +133,9 @@ class TrainerConfig:
     eval_interval: int = 50
     eval_iters: int = 4
     precision: str = "auto"  # auto (bf16 with CUDA, else fp32) | fp32 | bf16
+    # glibc: keep freed heap memory for the next step (no mmap of large blocks, no automatic
+    # trim; training/host_memory.py). Large per-step buffers otherwise page-fault every step.
+    keep_freed_memory: bool = True
     deterministic: bool = True
     # Every this many steps (0 = never), dump the routing of the first validation micro-batch
     # (per-token importance, K, chosen experts) to <run_dir>/routing_traces/ (AnyExperts layers).

@@ -227,6 +227,9 @@ def _record(case, layer, num_tokens, expert_TK, ours_t, megatron_t, peak, megatr
 
 def bench(rank: int, world_size: int, opts: dict) -> list:
     torch.manual_seed(0)
+    from anyexperts.training import host_memory
+
+    host_memory.keep_freed_memory()  # as the trainer does (trainer.keep_freed_memory); every variant alike
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts["dtype"]]
     group = None
     rows = []

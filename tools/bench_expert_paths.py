@@ -102,6 +102,9 @@ def main(argv=None) -> list:
     if args.quick:
         args.experts, args.rows_per_expert, args.repeats, args.hidden, args.ffn = [4], [8, 64], 2, 32, 64
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    from anyexperts.training import host_memory
+
+    host_memory.keep_freed_memory()  # as the trainer does (trainer.keep_freed_memory); every variant alike
     opts = vars(args)
     rows = [bench_shape(e, r, opts) for e in args.experts for r in args.rows_per_expert]
     print_columns(rows, ["num_experts", "rows_per_expert", "num_rows", *(f"{p}_ms" for p in PATHS), "best", "auto",

@@ -304,6 +304,9 @@ def bench(rank: int, world_size: int, opts: dict) -> list:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     torch.set_num_threads(opts["threads"])  # the harness sets 1; the benchmark takes what it was given
+    from anyexperts.training import host_memory
+
+    host_memory.keep_freed_memory()  # as the trainer does (trainer.keep_freed_memory); every variant alike
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))  # the topk layer's aux loss needs a scale
     rows = []
     for num_experts in opts["experts"]:

@@ -2,6 +2,7 @@
 allocate the most on the host (validation, checkpoint saves).
 
     from anyexperts.training import host_memory
+    host_memory.keep_freed_memory()   # at start: no per-step unmapping of large freed blocks
     host_memory.trim()          # True when glibc released memory; False elsewhere (musl, macOS)
 
 Why: glibc keeps freed small blocks in its arenas. A long CPU run's resident memory then
@@ -29,6 +30,46 @@ def _malloc_trim():
         return None
     function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
     return function
+
+
+@functools.cache
+def _mallopt():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None
+    function.argtypes, function.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return function
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Keeps freed heap memory in the process for the next step instead of handing it back at once.
+
+    glibc gives every block over 32 MiB its own mmap and unmaps it on free, and returns the top
+    of the heap once more than the trim threshold is free; each page handed back faults again
+    (and is zeroed by the kernel) when the next step touches it. A step that frees and
+    reallocates the same large buffers, as a training step does (the stacked weight gradients
+    of 64 experts at hidden 256, FFN 512 are 64 + 32 MiB), then pays a page fault per 4 KiB
+    every step: 25,000 faults in a 109 ms MoE layer step on this project's CPU machine, where
+    megatron's per-expert layer had 8 (docs/RESULTS.md). This call stops glibc from mmapping
+    blocks and from trimming the heap on its own: in that step the faults fell to none, in
+    tests/test_host_memory.py's step of the same experts from about 25,000 to about 5,000 (the
+    rest not found; a lone 64 MiB block freed and allocated again still faults every time).
+    trim() still returns free memory on demand (the trainer calls it after validation and
+    checkpoint saves). Returns True when glibc took both settings; False elsewhere (musl,
+    macOS), where nothing changes.
+    """
+    function = _mallopt()
+    if function is None:
+        return False
+    return bool(function(_M_MMAP_MAX, 0)) & bool(function(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def trim() -> bool:

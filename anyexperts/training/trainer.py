@@ -273,6 +273,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> TrainResult:
     from anyexperts.model import build_model, count_parameters
 
     wall_start = time.monotonic()
+    if cfg.trainer.keep_freed_memory:
+        host_memory.keep_freed_memory()
     setup_parallel(cfg)
     is_logging_rank = dist.get_rank() == 0
     logger = MetricsLogger(run_dir, enabled=is_logging_rank, tensorboard=cfg.logging.tensorboard,
