@@ -81,6 +81,11 @@ def _blocks(start: int, count: int, rows: int):
     return [(lo, min(lo + size, start + count)) for lo in range(start, start + count, size)]
 
 
+def _widest_block(counts: Sequence[int], rows: int) -> int:
+    return max((hi - lo for start, count in zip(_starts(counts), counts)
+                for lo, hi in _blocks(start, count, rows)), default=0)
+
+
 class _BlockedSwiGLUExperts(torch.autograd.Function):
     """out[rows of e] = (silu(x W1a) * (x W1b) * p) W2 per expert e, computed in row blocks.
 
@@ -94,9 +99,7 @@ class _BlockedSwiGLUExperts(torch.autograd.Function):
         num_rows, hidden = x_NH.shape
         ffn = w2_EFH.shape[1]
         out_NH = x_NH.new_empty(num_rows, hidden)
-        widest = max((hi - lo for start, count in zip(_starts(counts), counts)
-                      for lo, hi in _blocks(start, count, rows)), default=0)
-        h_NF2 = x_NH.new_empty(num_rows, 2 * ffn) if save else x_NH.new_empty(widest, 2 * ffn)
+        h_NF2 = x_NH.new_empty(num_rows if save else _widest_block(counts, rows), 2 * ffn)
         start = 0
         for expert, count in enumerate(counts):
             for lo, hi in _blocks(start, count, rows):
@@ -124,8 +127,7 @@ class _BlockedSwiGLUExperts(torch.autograd.Function):
         grad_p = torch.empty_like(probs_N) if need_p else None
         grad_w1 = torch.empty_like(w1_EHF2) if need_w1 else None
         grad_w2 = torch.empty_like(w2_EFH) if need_w2 else None
-        block = max((hi - lo for start, count in zip(_starts(counts), counts)
-                     for lo, hi in _blocks(start, count, rows)), default=1)
+        block = max(1, _widest_block(counts, rows))
         # Scratch reused by every block: the d(act), sigmoid, silu and d(h) of one block.
         grad_act_BF, sig_BF, silu_BF = (x_NH.new_empty(block, ffn) for _ in range(3))
         grad_h_BF2 = x_NH.new_empty(block, 2 * ffn)

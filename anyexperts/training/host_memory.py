@@ -20,29 +20,25 @@ import functools
 
 
 @functools.cache
+def _libc_function(name: str, restype, *argtypes):
+    """A glibc function by name with its C signature, or None where the C library lacks it."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        function = getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):  # not glibc
+        return None
+    function.argtypes, function.restype = list(argtypes), restype
+    return function
+
+
 def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-    function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
-    return function
+    return _libc_function("malloc_trim", ctypes.c_int, ctypes.c_size_t)
 
 
-@functools.cache
 def _mallopt():
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return None
-    function.argtypes, function.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return function
+    return _libc_function("mallopt", ctypes.c_int, ctypes.c_int, ctypes.c_int)
 
 
 # glibc's mallopt parameters (malloc.h).
