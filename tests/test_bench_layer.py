@@ -49,6 +49,13 @@ def test_tiny_run_writes_every_row_with_its_fields(tmp_path, capsys):
     # r = max(1, 0.5 * 2) = 1: every token keeps one of its two slots.
     assert variable["real_per_token"] == variable["target_real_per_token"] == 1.0
     assert variable["expected_ratio"] == 0.5 and variable["time_ratio"] > 0 and variable["cpu_time_ratio"] > 0
+    assert variable["floor_ratio"] > 0 and isinstance(variable["within_5pct_of_floor_ratio"], bool)
+    assert variable["within_5pct_of_floor_ratio"] == (abs(variable["time_ratio"] / variable["floor_ratio"] - 1) <= 0.05)
+    for row in rows:
+        if row["case"] in ("anyexperts_fixed_k", "topk"):
+            assert row["layer_over_floor_for_target"] == pytest.approx(0.95 * row["megatron_over_floor"], abs=1e-4)
+        else:
+            assert "layer_over_floor_for_target" not in row
     assert "layer_over_floor" in capsys.readouterr().out
 
 
