@@ -21,6 +21,11 @@ Cases:
   sweep            fixed top-k over tokens per rank x experts.
 bytes_sent: hidden-state bytes all ranks sent to other ranks in one forward (dispatch and
 combine); bytes_expected: 2 x (real slots routed to another rank) x hidden x element size.
+floor_ms (fixed_topk and sweep rows): the per-expert FFN math alone on the rows each rank's
+experts receive (fc1 -> activation -> fc2 per expert on ready leaves, forward + backward; no
+dispatch, permutation or combine), the slowest rank's, interleaved with the two; ours_over_floor,
+megatron_over_floor, and ours_over_floor_for_target = 0.95 x megatron_over_floor (the ours / floor
+that ratio <= 0.95 demands).
 peak_mem_bytes: torch profiler (profile_memory=True), peak of the cumulative CPU allocator
 bytes during one forward + backward, relative to its start (inputs and weights excluded; the
 weight grads included), rank 0, minimum over 5 steps.
@@ -104,6 +109,7 @@ class Layer:
         self.experts = GroupedExperts(local, config, pg_collection=pgs).load_from_sequential_mlp(self.seq_mlp)
         self.dispatcher = VariableSlotAllToAll(num_experts=num_experts, ep_group=pgs.ep)
         self.ep_group, self.ep_size, self.ep_rank, self.local = pgs.ep, ep_size, ep_rank, local
+        self.config = config
 
     def ours(self, hidden_TH, expert_TK, gate_TK):
         tokens_NH, counts, probs_N = self.dispatcher.dispatch(hidden_TH, expert_TK, gate_TK)
@@ -146,6 +152,49 @@ def _step_fn(layer: Layer, which: str, expert_TK, gate_TK, seed: int):
 
     step.clear_grads = clear_grads
     return step
+
+
+def floor_step(seq_mlp, config, counts: list, seed: int):
+    """The per-expert FFN math alone: for each expert with n > 0 routed rows, fc1 -> activation
+    -> fc2 on a ready [n, H] leaf, then one backward over all of them. No routing, permute,
+    gate, cat or combine: the work any implementation of the layer has to do."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype = seq_mlp.local_experts[0].linear_fc1.weight.dtype
+    hidden = seq_mlp.local_experts[0].linear_fc1.weight.shape[1]
+    work = []  # (fc1 [2F or F, H], fc2 [H, F], x_nH leaf, grad_nH)
+    for expert, n in enumerate(counts):
+        if n:
+            mlp = seq_mlp.local_experts[expert]
+            x_nH = torch.randn(n, hidden, generator=gen).to(dtype).requires_grad_(True)
+            work.append((mlp.linear_fc1.weight, mlp.linear_fc2.weight, x_nH,
+                         torch.randn(n, hidden, generator=gen).to(dtype)))
+    leaves = [t for fc1, fc2, x, _ in work for t in (fc1, fc2, x)]
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        outs = []
+        for fc1, fc2, x_nH, _ in work:
+            a_nF = F.linear(x_nH, fc1)
+            if config.gated_linear_unit:
+                gate_nF, linear_nF = a_nF.chunk(2, dim=-1)
+                a_nF = config.activation_func(gate_nF) * linear_nF
+            else:
+                a_nF = config.activation_func(a_nF)
+            outs.append(F.linear(a_nF, fc2))
+        torch.autograd.backward(outs, [g for *_, g in work])
+
+    return step
+
+
+@torch.no_grad()
+def received_counts(layer: Layer, expert_TK, gate_TK) -> list:
+    """Rows each local expert of this rank receives under a routing (one dispatch of zeros)."""
+    hidden_TH = torch.zeros(expert_TK.shape[0], layer.hidden, dtype=layer.dtype)
+    _, counts, _ = layer.dispatcher.dispatch(hidden_TH, expert_TK, gate_TK.to(layer.dtype))
+    return [int(c) for c in counts]
 
 
 def _timed(step, group) -> tuple[float, float]:
@@ -210,8 +259,9 @@ def _bytes(layer: Layer, expert_TK, element_size: int) -> tuple[int, int]:
     return int(totals[0]), int(totals[1])
 
 
-def _record(case, layer, num_tokens, expert_TK, ours_t, megatron_t, peak, megatron_peak=None, **extra):
-    """One result row; ours_t / megatron_t are (wall, cpu) seconds or None."""
+def _record(case, layer, num_tokens, expert_TK, ours_t, megatron_t, peak, megatron_peak=None, floor_t=None,
+            **extra):
+    """One result row; ours_t / megatron_t / floor_t are (wall, cpu) seconds or None."""
     sent, expected = _bytes(layer, expert_TK, torch.tensor([], dtype=layer.dtype).element_size())
     ms = lambda t, i: None if t is None else round(t[i] * 1e3, 3)  # noqa: E731
     row = dict(case=case, num_tokens=num_tokens, num_experts=layer.num_experts, ep_size=layer.ep_size,
@@ -221,6 +271,11 @@ def _record(case, layer, num_tokens, expert_TK, ours_t, megatron_t, peak, megatr
                ours_cpu_ms=ms(ours_t, 1), megatron_cpu_ms=ms(megatron_t, 1),
                cpu_ratio=None if megatron_t is None else round(ours_t[1] / megatron_t[1], 4),
                bytes_sent=sent, bytes_expected=expected, peak_mem_bytes=peak, megatron_peak_mem_bytes=megatron_peak)
+    if floor_t is not None:
+        row.update(floor_ms=ms(floor_t, 0), ours_over_floor=round(ours_t[0] / floor_t[0], 4),
+                   megatron_over_floor=round(megatron_t[0] / floor_t[0], 4),
+                   # ours / floor that ratio <= 0.95 demands; below 1: faster than the expert math alone.
+                   ours_over_floor_for_target=round(0.95 * megatron_t[0] / floor_t[0], 4))
     row.update(extra)
     return row
 
@@ -245,7 +300,8 @@ def bench(rank: int, world_size: int, opts: dict) -> list:
         # (1) + (2): fixed top-k and variable slots, all four variants interleaved in one group.
         fixed = make_routing(tokens, experts, topk, topk, seed)
         steps = {"ours_fixed": _step_fn(layer, "ours", *fixed, seed),
-                 "megatron_fixed": _step_fn(layer, "megatron", *fixed, seed)}
+                 "megatron_fixed": _step_fn(layer, "megatron", *fixed, seed),
+                 "floor_fixed": floor_step(layer.seq_mlp, layer.config, received_counts(layer, *fixed), seed)}
         variable = {r: make_routing(tokens, experts, topk, r, seed + 1) for r in opts["mean_real"]}
         for r, routing in variable.items():
             steps[f"ours_r{r}"] = _step_fn(layer, "ours", *routing, seed)
@@ -253,7 +309,7 @@ def bench(rank: int, world_size: int, opts: dict) -> list:
         times = time_interleaved(steps, repeats, group)
         peak = peak_memory(steps["ours_fixed"])
         rows.append(_record("fixed_topk", layer, tokens, fixed[0], times["ours_fixed"], times["megatron_fixed"], peak,
-                            peak_memory(steps["megatron_fixed"])))
+                            peak_memory(steps["megatron_fixed"]), floor_t=times["floor_fixed"]))
         for r, routing in variable.items():
             peak = peak_memory(steps[f"ours_r{r}"])
             measured = [times[f"ours_r{r}"][i] / times["ours_fixed"][i] for i in range(2)]
@@ -279,10 +335,12 @@ def bench(rank: int, world_size: int, opts: dict) -> list:
         for num_tokens in opts["sweep_tokens"]:
             routing = make_routing(num_tokens, num_experts, topk, topk, seed + 3)
             pair = {"ours": _step_fn(sweep_layer, "ours", *routing, seed),
-                    "megatron": _step_fn(sweep_layer, "megatron", *routing, seed)}
+                    "megatron": _step_fn(sweep_layer, "megatron", *routing, seed),
+                    "floor": floor_step(sweep_layer.seq_mlp, sweep_layer.config,
+                                        received_counts(sweep_layer, *routing), seed)}
             times = time_interleaved(pair, repeats, group)
             rows.append(_record("sweep", sweep_layer, num_tokens, routing[0], times["ours"], times["megatron"],
-                                peak_memory(pair["ours"]), peak_memory(pair["megatron"])))
+                                peak_memory(pair["ours"]), peak_memory(pair["megatron"]), floor_t=times["floor"]))
     return rows
 
 
@@ -290,7 +348,8 @@ def print_table(rows: list) -> None:
     columns = ["case", "num_tokens", "num_experts", "ep_size", "max_slots", "mean_real_slots", "ours_ms",
                "megatron_ms", "ratio", "cpu_ratio", "bytes_sent", "bytes_expected", "peak_mem_bytes",
                "megatron_peak_mem_bytes"]
-    extra = ["time_vs_fixed", "cpu_time_vs_fixed", "real_fraction"]
+    extra = ["floor_ms", "ours_over_floor", "megatron_over_floor", "ours_over_floor_for_target", "time_vs_fixed",
+             "cpu_time_vs_fixed", "real_fraction"]
     header = columns + extra
     print_columns(rows, header)
 

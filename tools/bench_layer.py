@@ -60,7 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.distributed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dispatcher import print_columns, time_interleaved  # noqa: E402
+from bench_dispatcher import floor_step, print_columns, time_interleaved  # noqa: E402
 
 FULL_EXPERTS, FULL_TOKENS, FULL_TOPK = [8, 16, 64, 128], [1024, 4096, 16384], [1, 2, 4, 8]
 # Relative output difference the equality check allows: megatron's SequentialMLP and our
@@ -203,41 +203,6 @@ def layer_step(layer, hidden_SBH, grad_SBH):
         x_SBH = hidden_SBH.clone().requires_grad_(True)
         out_SBH, _ = layer(x_SBH)
         out_SBH.backward(grad_SBH)
-
-    return step
-
-
-def floor_step(seq_mlp, config, counts: list, seed: int):
-    """The per-expert FFN math alone: for each expert with n > 0 routed rows, fc1 -> activation
-    -> fc2 on a ready [n, H] leaf, then one backward over all of them. No routing, permute,
-    gate, cat or combine: the work any implementation of the layer has to do."""
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(seed)
-    dtype = seq_mlp.local_experts[0].linear_fc1.weight.dtype
-    hidden = seq_mlp.local_experts[0].linear_fc1.weight.shape[1]
-    work = []  # (fc1 [2F or F, H], fc2 [H, F], x_nH leaf, grad_nH)
-    for expert, n in enumerate(counts):
-        if n:
-            mlp = seq_mlp.local_experts[expert]
-            x_nH = torch.randn(n, hidden, generator=gen).to(dtype).requires_grad_(True)
-            work.append((mlp.linear_fc1.weight, mlp.linear_fc2.weight, x_nH,
-                         torch.randn(n, hidden, generator=gen).to(dtype)))
-    leaves = [t for fc1, fc2, x, _ in work for t in (fc1, fc2, x)]
-
-    def step():
-        for leaf in leaves:
-            leaf.grad = None
-        outs = []
-        for fc1, fc2, x_nH, _ in work:
-            a_nF = F.linear(x_nH, fc1)
-            if config.gated_linear_unit:
-                gate_nF, linear_nF = a_nF.chunk(2, dim=-1)
-                a_nF = config.activation_func(gate_nF) * linear_nF
-            else:
-                a_nF = config.activation_func(a_nF)
-            outs.append(F.linear(a_nF, fc2))
-        torch.autograd.backward(outs, [g for *_, g in work])
 
     return step
 
