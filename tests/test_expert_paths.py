@@ -160,3 +160,21 @@ def test_config_names_the_field_of_a_bad_expert_path():
     cfg.moe.expert_path = "fastest"
     with pytest.raises(ValueError, match="moe.expert_path='fastest' is not supported; choose one of auto"):
         validate(cfg, world_size=1)
+
+
+def test_auto_logs_a_shape_again_only_where_its_path_changes(empty_cache, caplog):
+    rows = expert_paths.BLOCKED_MIN_ROWS_PER_EXPERT
+    blocked_from = (rows * 8).bit_length() - 1
+    base = ("cpu", "float32", 8, 256, 512, True, True)
+    with caplog.at_level(logging.INFO, logger="anyexperts.moe.expert_paths"):
+        picked = [choose_path("auto", base + (bucket, 1), ["grouped_mm", "loop", "blocked"], None)
+                  for bucket in range(blocked_from - 3, blocked_from + 3)]
+        # Another thread count is another shape: logged on its own.
+        choose_path("auto", base + (blocked_from, 2), ["grouped_mm", "loop", "blocked"], None)
+    assert picked == ["grouped_mm"] * 3 + ["blocked"] * 3
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(messages) == 3, messages
+    assert messages[0].endswith(")") and ": grouped_mm (" in messages[0] and ": blocked (" in messages[1]
+    assert "2 threads: blocked" in messages[2]
+    # Every bucket is still cached with its own choice.
+    assert len(expert_paths.cached_choices()) == 7

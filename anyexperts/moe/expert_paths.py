@@ -27,7 +27,8 @@ Paths (`moe.expert_path`, `GroupedExperts(expert_path=...)`):
               for bit (a resumed or requeued job) should use auto or a fixed path.
 
 Every choice is cached per shape key (device, dtype, experts, H, F, gated, grad, log2 of the
-rows, threads) and logged once; rows within a factor of two share a key and a choice, so a
+rows, threads) and logged once (auto: at INFO where its path changes from the one last logged for
+the same shape at other row counts, else at DEBUG); rows within a factor of two share a key and a choice, so a
 variable-slot layer, whose row count moves every step, does not switch paths within a bucket.
 
 Tests: tests/test_expert_paths.py. Benchmarks: tools/bench_expert_paths.py, tools/bench_layer.py.
@@ -185,11 +186,16 @@ def blocked_swiglu_experts(x_NH: torch.Tensor, probs_N: torch.Tensor, w1_EHF2: t
 
 # ----------------------------------------------------------------------------------------------
 _CHOICES: dict = {}
+# auto's last logged path per shape without its row bucket: a run's routing moves its row
+# counts across many buckets (early, unbalanced routing gives a rank a few rows per expert), and
+# one INFO line per bucket said nothing new; the rule's path changes at most once per shape.
+_RULE_LOGGED: dict = {}
 
 
 def clear_cache() -> None:
     """Forgets every measured choice (tests; a process that changes threads mid-run)."""
     _CHOICES.clear()
+    _RULE_LOGGED.clear()
 
 
 def cached_choices() -> dict:
@@ -252,10 +258,15 @@ def choose_path(requested: str, key: tuple, candidates: list[str],
         best = rule_path(key, candidates)
         why = f"rule: blocked from {BLOCKED_MIN_ROWS_PER_EXPERT} rows per expert; candidates {', '.join(candidates)}"
     _CHOICES[(requested, key)] = (best, times)
+    level = logging.INFO
+    if requested == "auto":
+        family = key[:7] + key[8:]
+        level = logging.INFO if _RULE_LOGGED.get(family) != best else logging.DEBUG
+        _RULE_LOGGED[family] = best
     device, dtype, experts, hidden, ffn_x, gated, grad, bucket, threads = key
-    log.info("expert path for %d experts, H %d, F %d, %s, %s rows, %s, %d threads: %s (%s)",
-             experts, hidden, ffn_x, dtype, f"{2 ** bucket}-{2 ** (bucket + 1) - 1}" if bucket >= 0 else "0",
-             "forward + backward" if grad else "forward", threads, best, why)
+    log.log(level, "expert path for %d experts, H %d, F %d, %s, %s rows, %s, %d threads: %s (%s)",
+            experts, hidden, ffn_x, dtype, f"{2 ** bucket}-{2 ** (bucket + 1) - 1}" if bucket >= 0 else "0",
+            "forward + backward" if grad else "forward", threads, best, why)
     return best
 
 
