@@ -132,6 +132,18 @@ def wait_until_done(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, st
     return wait_for(job_id, lambda info: info["JobState"] in FINISHED_STATES, "finished", timeout)
 
 
+# Seconds between the first start's last process and lifting the begin time (below).
+REVOKE_MARGIN_S = 2.0
+
+
+def job_steps_on_node(job_id: str) -> list[str]:
+    """The slurmstepd processes of a job still on this node ("slurmstepd: [63.0]", "[63.batch]")."""
+    if not shutil.which("pgrep"):
+        return []
+    found = run_quiet(["pgrep", "-a", "-f", rf"^slurmstepd: \[{job_id}\."]).stdout
+    return found.splitlines()
+
+
 def start_requeued_now(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, str]:
     """Waits for the requeue, then lifts the begin time Slurm gives a requeued job (about
     two minutes ahead), so that it starts again at once.
@@ -139,6 +151,12 @@ def start_requeued_now(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str,
     Restarts counts the requeue as soon as it is asked for, while the first start's processes
     may still be ending (RUNNING or COMPLETING), and the begin time is set only when they
     have: so only a job seen PENDING after its requeue, and then no longer, has restarted.
+
+    The begin time is lifted only once the first start's step daemons have left the node, and
+    REVOKE_MARGIN_S later. Slurm's own delay is there for this: slurmd revokes the killed
+    start's job credential with a time in whole seconds, and refuses a new start whose
+    credential was made in that same second ("Job credential revoked", the job then FAILED
+    with exit 1). Lifting it at once failed about 1 run in 6 on the local cluster.
     """
     deadline = time.monotonic() + timeout
     seen_pending = False
@@ -146,6 +164,10 @@ def start_requeued_now(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str,
         info = job_info(job_id)
         restarts = int(info.get("Restarts", "0"))
         if restarts >= 1 and info["JobState"] == "PENDING":
+            if not seen_pending:
+                while job_steps_on_node(job_id) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(REVOKE_MARGIN_S)
             seen_pending = True
             run_quiet(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         elif seen_pending:
