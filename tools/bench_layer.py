@@ -33,13 +33,13 @@ time), megatron_ms, floor_ms, layer_over_megatron, layer_over_floor, megatron_ov
 their CPU-time twins (*_cpu_ms, cpu_*); real_per_token (real slots computed per token). In
 anyexperts_variable rows floor_ms is the floor of their own routing, megatron_ms megatron at
 top-k (the layer it replaces), time_ratio = time(r) / time(anyexperts_fixed_k) against
-expected_ratio = real_per_token / k and against floor_ratio = floor(r) / floor(k), the ratio the expert
-math alone reaches on the two routings (with few rows per expert it stays above r / k: each active
-expert reads its weights and writes its gradients whatever its row count); within_5pct and
-within_5pct_of_floor_ratio say whether time_ratio is within 5% of each. The anyexperts_fixed_k and
-topk rows carry layer_over_floor_for_target = 0.95 x megatron_over_floor, the layer / floor that
-layer / megatron <= 0.95 demands (below 1: faster than the expert math alone). anyexperts_fixed_k
-rows carry output_rel_diff (max |ours -
+expected_ratio = real_per_token / k and against floor_ratio = floor(r) / floor(k), the ratio
+the expert math alone reaches on the two routings (with few rows per expert it stays above
+r / k: each active expert reads its weights and writes its gradients whatever its row count);
+within_5pct and within_5pct_of_floor_ratio say whether time_ratio is within 5% of each. The
+anyexperts_fixed_k and topk rows carry layer_over_floor_for_target = 0.95 x
+megatron_over_floor, the layer / floor that layer / megatron <= 0.95 demands (below 1: faster
+than the expert math alone). anyexperts_fixed_k rows carry output_rel_diff (max |ours -
 megatron| / max |megatron|); the rows of the project's layers name the expert_path GroupedExperts
 ran (--expert-path; auto: the shape rule of anyexperts/moe/expert_paths.py; measure: timed on first
 use of the shape, during the warm-up). Targets (the issue): layer / megatron <= 0.95, layer / floor <= 1.15,

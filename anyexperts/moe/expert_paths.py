@@ -27,9 +27,10 @@ Paths (`moe.expert_path`, `GroupedExperts(expert_path=...)`):
               for bit (a resumed or requeued job) should use auto or a fixed path.
 
 Every choice is cached per shape key (device, dtype, experts, H, F, gated, grad, log2 of the
-rows, threads) and logged once (auto: at INFO where its path changes from the one last logged for
-the same shape at other row counts, else at DEBUG); rows within a factor of two share a key and a choice, so a
-variable-slot layer, whose row count moves every step, does not switch paths within a bucket.
+rows, threads) and logged once (auto: at INFO where its path differs from the one last logged
+for the same shape at other row counts, else at DEBUG); rows within a factor of two share a key
+and a choice, so a variable-slot layer, whose row count moves every step, does not switch
+paths within a bucket.
 
 Tests: tests/test_expert_paths.py. Benchmarks: tools/bench_expert_paths.py, tools/bench_layer.py.
 """
