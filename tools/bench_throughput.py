@@ -40,6 +40,8 @@ from bench_allocation import METHODS, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "top2"
+# --grid-dir: the methods continued when --methods is not given.
+GRID_METHODS = "top1,top2,straight_through_b1.8,straight_through_b2.0,topp_b2.0,remoe_b2.0"
 # --main-job: the main job's MoE settings (conf/moe/*.yaml); the first is the baseline.
 MAIN_JOB_METHODS: dict[str, list[str]] = {
     "topk": ["moe=topk"],
@@ -106,8 +108,8 @@ def main() -> None:
     parser.add_argument("--grid-dir", type=Path, help="a tools/bench_allocation.py --out-dir")
     parser.add_argument("--main-job", action="store_true",
                         help=f"the main job from scratch, {MAIN_JOB_NPROC} processes: {', '.join(MAIN_JOB_METHODS)}")
-    parser.add_argument("--methods", default=None, help="default: top1,top2,straight_through_b1.8,"
-                        "straight_through_b2.0,topp_b2.0,remoe_b2.0 (--main-job: all of its methods)")
+    parser.add_argument("--methods", default=None,
+                        help=f"default: {GRID_METHODS} (--main-job: all of its methods)")
     parser.add_argument("--seed", type=int, default=1, help="which grid run of each method to continue")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-interval", type=int, default=5)
@@ -118,8 +120,7 @@ def main() -> None:
         raise SystemExit("error: give either --grid-dir (continue a grid's runs) or --main-job (from scratch)")
     known = MAIN_JOB_METHODS if args.main_job else METHODS
     baseline = next(iter(MAIN_JOB_METHODS)) if args.main_job else BASELINE
-    methods = (args.methods or (",".join(MAIN_JOB_METHODS) if args.main_job else
-                                "top1,top2,straight_through_b1.8,straight_through_b2.0,topp_b2.0,remoe_b2.0")).split(",")
+    methods = (args.methods or (",".join(MAIN_JOB_METHODS) if args.main_job else GRID_METHODS)).split(",")
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise SystemExit(f"error: unknown methods {unknown}; known: {', '.join(known)}")

@@ -352,4 +352,3 @@ class GroupedExperts(MegatronModule):
             # As megatron's expert MLP: the output bias is scaled by the gate too.
             out_NH = out_NH + fc2_bias.index_select(0, expert_N) * probs_N.unsqueeze(-1).to(out_NH.dtype)
         return out_NH
-        return out_NH, None
