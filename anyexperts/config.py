@@ -132,7 +132,7 @@ class TrainerConfig:
     seed: int = 1234
     eval_interval: int = 50
     eval_iters: int = 4
-    precision: str = "auto"  # auto (bf16 with CUDA, else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 with CUDA, else fp32) | fp32 | bf16 (CUDA only: validate_device)
     # glibc: keep freed heap memory for the next step (no mmap of large blocks, no automatic
     # trim; training/host_memory.py). Large per-step buffers otherwise page-fault every step.
     keep_freed_memory: bool = True
@@ -372,6 +372,18 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     # --- end checkpoint ---
     if not cfg.experiment.name or "/" in cfg.experiment.name:
         raise ValueError(f"experiment.name={cfg.experiment.name!r} must be a non-empty name without '/'")
+
+
+def validate_device(cfg: TrainConfig, cuda_available: bool) -> None:
+    """Checks what the machine must offer; separate from validate so that a config can be
+    checked on a machine other than the one it will run on."""
+    if cfg.trainer.precision == "bf16" and not cuda_available:
+        # megatron-core's bf16 optimizer (Float16OptimizerWithFloat16Params) puts its loss-scale
+        # and overflow tensors on CUDA and accepts only CUDA parameters; on CPU it fails deep
+        # inside optimizer construction with "Torch not compiled with CUDA enabled".
+        raise ValueError("trainer.precision=bf16 needs a CUDA device (megatron-core's bf16 optimizer "
+                         "runs on CUDA only), and this machine has none; use trainer.precision=fp32, "
+                         "or auto (bf16 with CUDA, else fp32)")
 
 
 def to_dataclass(cfg_node: Any) -> TrainConfig:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate
+from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate, validate_device
 from launcher import bootstrap
 from launcher.threads import apply_thread_count
 
@@ -110,6 +110,7 @@ def run(cfg_node: DictConfig) -> float | None:
     env = bootstrap.discover()
     try:
         validate(cfg, env.world_size)
+        validate_device(cfg, cuda_available=torch.cuda.is_available())
         # torchrun's workers share the CPUs of their one srun task; an srun task per rank does not.
         print(apply_thread_count(rank=env.rank,
                                  processes_per_task=env.local_world_size if env.launcher == "torchrun" else 1),

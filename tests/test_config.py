@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate
+from anyexperts.config import TrainConfig, register_configs, to_dataclass, validate, validate_device
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -142,3 +142,15 @@ def test_bad_anyexperts_values_name_the_field(changes, field):
         setattr(cfg.moe.anyexperts, name, value)
     with pytest.raises(ValueError, match=rf"moe\.anyexperts\.{field}"):
         validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("precision,cuda_available,fails", [
+    ("bf16", False, True), ("bf16", True, False), ("fp32", False, False), ("auto", False, False)])
+def test_bf16_needs_cuda(precision, cuda_available, fails):
+    cfg = TrainConfig()
+    cfg.trainer.precision = precision
+    if fails:
+        with pytest.raises(ValueError, match=r"trainer\.precision=bf16 needs a CUDA device.*trainer\.precision=fp32"):
+            validate_device(cfg, cuda_available=cuda_available)
+    else:
+        validate_device(cfg, cuda_available=cuda_available)

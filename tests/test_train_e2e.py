@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # A smaller model and short run keep this to about a minute on 2 cores.
@@ -132,6 +133,17 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
     assert proc.returncode == 2
     assert "parallel.expert_model_parallel_size=2" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 runs where CUDA is available")
+def test_bf16_without_cuda_is_a_config_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "experiment=shakespeare_cpu",
+                           "parallel.expert_model_parallel_size=1", "trainer.precision=bf16",
+                           f"experiment.run_dir={tmp_path / 'bf16'}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trainer.precision=bf16 needs a CUDA device" in proc.stderr
+    assert not (tmp_path / "bf16").exists()
 
 
 def test_missing_prepared_data_is_named(tmp_path):
