@@ -56,7 +56,8 @@ class MoEConfig:
     # How GroupedExperts computes (anyexperts/moe/expert_paths.py): auto (a rule of the shape, the
     # same every run: CPU blocked from 64 rows per expert, else grouped_mm; GPU grouped_mm where it
     # runs) | measure (CPU: the fastest, timed on first use of a shape; runs may differ in rounding)
-    # | grouped_mm | loop | blocked. Unused by moe.kind=topk without grouped_gemm (SequentialMLP).
+    # | grouped_mm | loop | blocked (SwiGLU, fp32). Anything but auto is a config error with
+    # moe.kind=topk without grouped_gemm, where megatron's SequentialMLP computes the experts.
     expert_path: str = "auto"
     # Settings of the AnyExperts layer (used when kind == "anyexperts").
     anyexperts: AnyExpertsConfig = field(default_factory=AnyExpertsConfig)
@@ -251,6 +252,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _choice("moe.kind", moe.kind, MOE_KINDS)
     _choice("moe.token_dispatcher", moe.token_dispatcher, ("alltoall", "allgather"))
     _choice("moe.expert_path", moe.expert_path, EXPERT_PATHS)
+    if moe.expert_path != "auto" and moe.kind == "topk" and not moe.grouped_gemm:
+        raise ValueError(f"moe.expert_path={moe.expert_path} has no effect with moe.kind=topk and "
+                         "moe.grouped_gemm=false (megatron's SequentialMLP computes the experts); set "
+                         "moe.grouped_gemm=true for the project's GroupedExperts, or drop moe.expert_path")
+    if moe.expert_path == "blocked" and m.activation != "swiglu":
+        raise ValueError(f"moe.expert_path=blocked computes SwiGLU experts only, and model.activation="
+                         f"{m.activation}; use moe.expert_path=auto (or grouped_mm, loop)")
     if moe.kind != "none":
         _positive("moe.num_experts", moe.num_experts)
         _positive("moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)
@@ -384,6 +392,10 @@ def validate_device(cfg: TrainConfig, cuda_available: bool) -> None:
         raise ValueError("trainer.precision=bf16 needs a CUDA device (megatron-core's bf16 optimizer "
                          "runs on CUDA only), and this machine has none; use trainer.precision=fp32, "
                          "or auto (bf16 with CUDA, else fp32)")
+    bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and cuda_available)
+    if cfg.moe.expert_path == "blocked" and bf16:
+        raise ValueError("moe.expert_path=blocked runs in fp32/fp64 only, and this run is bf16 (trainer.precision="
+                         f"{cfg.trainer.precision}); use moe.expert_path=auto (grouped_mm in bf16)")
 
 
 def to_dataclass(cfg_node: Any) -> TrainConfig:

@@ -92,6 +92,8 @@ def test_wrong_type_fails_at_composition():
     ({"data__tokenizer": "hf", "data__tokenizer_path": None}, 1, "data.tokenizer"),
     ({"data__source": "text"}, 1, "data.source"),
     ({"trainer__precision": "fp8"}, 1, "trainer.precision"),
+    ({"moe__kind": "topk", "moe__expert_path": "blocked"}, 1, "moe.expert_path"),
+    ({"moe__expert_path": "blocked", "model__activation": "gelu"}, 1, "moe.expert_path"),
 ])
 def test_bad_values_name_the_field(changes, world_size, field):
     cfg = TrainConfig()
@@ -154,3 +156,13 @@ def test_bf16_needs_cuda(precision, cuda_available, fails):
             validate_device(cfg, cuda_available=cuda_available)
     else:
         validate_device(cfg, cuda_available=cuda_available)
+
+
+@pytest.mark.parametrize("precision,cuda_available", [("bf16", True), ("auto", True)])
+def test_blocked_expert_path_needs_fp32(precision, cuda_available):
+    cfg = TrainConfig()
+    cfg.trainer.precision, cfg.moe.expert_path = precision, "blocked"
+    with pytest.raises(ValueError, match=r"moe\.expert_path=blocked runs in fp32"):
+        validate_device(cfg, cuda_available=cuda_available)
+    cfg.trainer.precision = "fp32"
+    validate_device(cfg, cuda_available=cuda_available)
