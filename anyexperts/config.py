@@ -293,6 +293,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"pipeline_model_parallel_size = {model_parallel}"
         )
     data_parallel = world_size // model_parallel
+    if moe.kind == "none" and par.expert_model_parallel_size != 1:
+        # megatron refuses it later, in words that name neither field.
+        raise ValueError(f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} splits experts, and "
+                         "moe.kind=none has none; set parallel.expert_model_parallel_size=1 (the ranks then train "
+                         "as data-parallel replicas)")
     if moe.kind != "none" and data_parallel % par.expert_model_parallel_size:
         raise ValueError(
             f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} must divide the "
