@@ -293,6 +293,12 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"pipeline_model_parallel_size = {model_parallel}"
         )
     data_parallel = world_size // model_parallel
+    if moe.kind != "none" and par.tensor_model_parallel_size != 1:
+        # GroupedExperts and the AnyExperts layer do not split experts over TP ranks, and megatron's
+        # MoELayer with TP needs sequence parallelism, which this trainer does not set up.
+        raise ValueError(f"parallel.tensor_model_parallel_size={par.tensor_model_parallel_size} with MoE layers "
+                         f"(moe.kind={moe.kind}) is not supported; use 1 and scale with "
+                         "parallel.expert_model_parallel_size and data parallelism (TP works with moe=none)")
     if moe.kind == "none" and par.expert_model_parallel_size != 1:
         # megatron refuses it later, in words that name neither field.
         raise ValueError(f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} splits experts, and "

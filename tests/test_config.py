@@ -92,6 +92,7 @@ def test_wrong_type_fails_at_composition():
     ({"data__tokenizer": "hf", "data__tokenizer_path": None}, 1, "data.tokenizer"),
     ({"data__source": "text"}, 1, "data.source"),
     ({"trainer__precision": "fp8"}, 1, "trainer.precision"),
+    ({"parallel__tensor_model_parallel_size": 2}, 2, "parallel.tensor_model_parallel_size=2 with MoE"),
     ({"moe__kind": "none", "parallel__expert_model_parallel_size": 2}, 2, "parallel.expert_model_parallel_size=1"),
     ({"moe__kind": "topk", "moe__expert_path": "blocked"}, 1, "moe.expert_path"),
     ({"moe__expert_path": "blocked", "model__activation": "gelu"}, 1, "moe.expert_path"),
