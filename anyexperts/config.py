@@ -43,7 +43,7 @@ class MoEConfig:
     kind: str = "topk"
     num_experts: int = 8
     expert_ffn_hidden_size: int = 256
-    router_topk: int = 2
+    router_topk: int = 2  # moe.kind=topk only: the other kinds take K from their own settings
     # 1 = every layer is MoE; n = every n-th layer (the others dense).
     layer_freq: int = 1
     aux_loss_coeff: float = 1e-2
