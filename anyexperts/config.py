@@ -56,7 +56,7 @@ class MoEConfig:
     # How GroupedExperts computes (anyexperts/moe/expert_paths.py): auto (a rule of the shape, the
     # same every run: CPU blocked from 64 rows per expert, else grouped_mm; GPU grouped_mm where it
     # runs) | measure (CPU: the fastest, timed on first use of a shape; runs may differ in rounding)
-    # | grouped_mm | loop | blocked (SwiGLU, fp32). Anything but auto is a config error with
+    # | grouped_mm | loop | blocked (CPU, SwiGLU, fp32). Anything but auto is a config error with
     # moe.kind=topk without grouped_gemm, where megatron's SequentialMLP computes the experts.
     expert_path: str = "auto"
     # Settings of the AnyExperts layer (used when kind == "anyexperts").
@@ -403,10 +403,9 @@ def validate_device(cfg: TrainConfig, cuda_available: bool) -> None:
         raise ValueError("trainer.precision=bf16 needs a CUDA device (megatron-core's bf16 optimizer "
                          "runs on CUDA only), and this machine has none; use trainer.precision=fp32, "
                          "or auto (bf16 with CUDA, else fp32)")
-    bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and cuda_available)
-    if cfg.moe.expert_path == "blocked" and bf16:
-        raise ValueError("moe.expert_path=blocked runs in fp32/fp64 only, and this run is bf16 (trainer.precision="
-                         f"{cfg.trainer.precision}); use moe.expert_path=auto (grouped_mm in bf16)")
+    if cfg.moe.expert_path == "blocked" and cuda_available:
+        raise ValueError("moe.expert_path=blocked is a CPU path (fp32, row blocks kept in cache), and this run "
+                         "trains on CUDA; use moe.expert_path=auto (grouped_mm where its kernel runs, else loop)")
 
 
 def to_dataclass(cfg_node: Any) -> TrainConfig:

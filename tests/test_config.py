@@ -160,11 +160,11 @@ def test_bf16_needs_cuda(precision, cuda_available, fails):
         validate_device(cfg, cuda_available=cuda_available)
 
 
-@pytest.mark.parametrize("precision,cuda_available", [("bf16", True), ("auto", True)])
-def test_blocked_expert_path_needs_fp32(precision, cuda_available):
+@pytest.mark.parametrize("precision", ["bf16", "auto", "fp32"])
+def test_blocked_expert_path_is_a_cpu_path(precision):
     cfg = TrainConfig()
     cfg.trainer.precision, cfg.moe.expert_path = precision, "blocked"
-    with pytest.raises(ValueError, match=r"moe\.expert_path=blocked runs in fp32"):
-        validate_device(cfg, cuda_available=cuda_available)
-    cfg.trainer.precision = "fp32"
-    validate_device(cfg, cuda_available=cuda_available)
+    with pytest.raises(ValueError, match=r"moe\.expert_path=blocked is a CPU path"):
+        validate_device(cfg, cuda_available=True)
+    if precision != "bf16":
+        validate_device(cfg, cuda_available=False)

@@ -280,6 +280,18 @@ def test_bench_expert_paths_times_every_path_and_reports_the_rule(tmp_path, caps
     assert "rule_over_best" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the paths are grouped_mm and loop in every dtype")
+def test_bench_expert_paths_leaves_out_what_cannot_run(tmp_path):
+    import bench_expert_paths
+
+    rows = bench_expert_paths.main(["--quick", "--dtype", "bf16"])
+    for row in rows:
+        # blocked runs fp32/fp64 only: no time, no ratio, and auto does not pick it.
+        assert row["blocked_ms"] is None and row["blocked_over_grouped_mm"] is None
+        assert row["grouped_mm_ms"] > 0 and row["loop_ms"] > 0
+        assert row["auto"] == "grouped_mm" and row["dtype"] == "bf16" and row["device"] == "cpu"
+
+
 def test_eval_uniform_k_covers_each_methods_slot_range():
     import eval_uniform_k
 

@@ -167,9 +167,10 @@ def floor_step(seq_mlp, config, counts: list, seed: int):
     for expert, n in enumerate(counts):
         if n:
             mlp = seq_mlp.local_experts[expert]
-            x_nH = torch.randn(n, hidden, generator=gen).to(dtype).requires_grad_(True)
+            device = mlp.linear_fc1.weight.device
+            x_nH = torch.randn(n, hidden, generator=gen).to(device, dtype).requires_grad_(True)
             work.append((mlp.linear_fc1.weight, mlp.linear_fc2.weight, x_nH,
-                         torch.randn(n, hidden, generator=gen).to(dtype)))
+                         torch.randn(n, hidden, generator=gen).to(device, dtype)))
     leaves = [t for fc1, fc2, x, _ in work for t in (fc1, fc2, x)]
 
     def step():
@@ -202,8 +203,12 @@ def _timed(step, group) -> tuple[float, float]:
     import torch.distributed as dist
 
     dist.barrier(group=group)
+    if torch.cuda.is_available():  # a CUDA step has only queued its kernels when it returns
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     elapsed = torch.tensor([time.perf_counter() - wall, time.process_time() - cpu], dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # the slowest rank sets the pace
     return float(elapsed[0]), float(elapsed[1])

@@ -28,6 +28,9 @@ are the steadier ones; compare ratios within one run, not absolute times between
                        routed token count (the megatron layer's routing; the variable rows get
                        their own routing's floor), forward + backward, nothing else.
 
+With CUDA the layers sit on the current GPU (megatron's placement without CPU initialisation),
+the inputs are put beside them, each timed step ends with torch.cuda.synchronize(), and the rows
+name the device (`device`); read --dtype bf16 there (auto's GPU path is grouped_mm, bf16 only).
 All layers hold the same router and expert weights. Columns per row: layer_ms (that row's
 time), megatron_ms, floor_ms, layer_over_megatron, layer_over_floor, megatron_over_floor and
 their CPU-time twins (*_cpu_ms, cpu_*); real_per_token (real slots computed per token). In
@@ -106,6 +109,7 @@ class Layers:
         cfg, config = project_config(num_experts=num_experts, topk=topk, hidden=hidden, ffn=ffn, dtype=dtype,
                                      expert_path=expert_path)
         self.config, self.num_experts, self.topk, self.hidden = config, num_experts, topk, hidden
+        self.device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         torch.manual_seed(seed)
         ref_config = dataclasses.replace(config, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
                                          moe_z_loss_coeff=None)
@@ -151,11 +155,11 @@ class Layers:
             layer.train()
 
 
-def inputs(num_tokens: int, hidden: int, dtype: torch.dtype, seed: int):
+def inputs(num_tokens: int, hidden: int, dtype: torch.dtype, seed: int, device="cpu"):
     """(hidden_SBH, grad_SBH): one sequence of num_tokens positions, batch 1 (the dither uses s)."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden_SBH = torch.randn(num_tokens, 1, hidden, generator=gen).to(dtype)
-    return hidden_SBH, torch.randn(num_tokens, 1, hidden, generator=gen).to(dtype)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
+    hidden_SBH = torch.randn(num_tokens, 1, hidden, generator=gen).to(device, dtype)
+    return hidden_SBH, torch.randn(num_tokens, 1, hidden, generator=gen).to(device, dtype)
 
 
 @torch.no_grad()
@@ -211,7 +215,8 @@ def _row(case, num_tokens, layers, times, name, megatron_name, floor_name, real_
     """One result row; times[name] = (wall, cpu) seconds."""
     ms = lambda t, i: round(t[i] * 1e3, 3)  # noqa: E731
     ratio = lambda a, b, i: round(times[a][i] / times[b][i], 4)  # noqa: E731
-    row = dict(case=case, num_tokens=num_tokens, num_experts=layers.num_experts, topk=layers.topk,
+    row = dict(case=case, device=layers.device_name, num_tokens=num_tokens, num_experts=layers.num_experts,
+               topk=layers.topk,
                real_per_token=round(real_per_token, 4),
                layer_ms=ms(times[name], 0), megatron_ms=ms(times[megatron_name], 0), floor_ms=ms(times[floor_name], 0),
                layer_over_megatron=ratio(name, megatron_name, 0), layer_over_floor=ratio(name, floor_name, 0),
@@ -234,7 +239,9 @@ def bench_case(layers: Layers, num_tokens: int, opts: dict) -> list:
     stats.record_training(False)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts["dtype"]]
     seed = opts["seed"] + num_tokens
-    hidden_SBH, grad_SBH = inputs(num_tokens, layers.hidden, dtype, seed)
+    # megatron puts the layers on the current CUDA device when there is one (no CPU initialisation).
+    device = layers.megatron.router.weight.device
+    hidden_SBH, grad_SBH = inputs(num_tokens, layers.hidden, dtype, seed, device)
     diffs = check_same_output(layers, hidden_SBH, TOLERANCE[opts["dtype"]])
     counts, real = routed_counts(layers.megatron, hidden_SBH)
     fixed_counts, fixed_real = routed_counts(layers.fixed, hidden_SBH)

@@ -248,16 +248,22 @@ class GroupedExperts(MegatronModule):
         return (self.gated and self.activation_func is F.silu and getattr(config, "activation_func_clamp_value", None)
                 is None and not getattr(config, "glu_linear_offset", 0.0))
 
+    def candidate_paths(self, tokens_NH: torch.Tensor, weights: Optional[list[torch.Tensor]] = None) -> list[str]:
+        """The paths that can run these rows with these weights (the first is the default)."""
+        weights = self.expert_weights() if weights is None else weights
+        grouped_ok = grouped_mm_supported(tokens_NH, weights[0])
+        if tokens_NH.is_cuda:  # blocked is a CPU cache path
+            return ["grouped_mm", "loop"] if grouped_ok else ["loop"]
+        return expert_paths.available_paths(tokens_NH, weights[0], swiglu=self._weighted_swiglu(),
+                                            has_bias=len(weights) > 2, grouped_ok=grouped_ok)
+
     def _choose_path(self, tokens_NH: torch.Tensor, probs_N: torch.Tensor, weights: list[torch.Tensor],
                      counts: list[int]) -> str:
         fc1_weight, fc2_weight = weights[0], weights[1]
-        grouped_ok = grouped_mm_supported(tokens_NH, fc1_weight)
+        candidates = self.candidate_paths(tokens_NH, weights)
         if tokens_NH.is_cuda:  # no timing on a GPU: grouped_mm where its kernel runs, else the loop
-            candidates = ["grouped_mm", "loop"] if grouped_ok else ["loop"]
             return candidates[0] if self.expert_path in ("auto", "measure") else expert_paths.choose_path(
                 self.expert_path, (), candidates, None)
-        candidates = expert_paths.available_paths(tokens_NH, fc1_weight, swiglu=self._weighted_swiglu(),
-                                                  has_bias=len(weights) > 2, grouped_ok=grouped_ok)
         grad = torch.is_grad_enabled() and (tokens_NH.requires_grad or any(w.requires_grad for w in weights))
         key = expert_paths.shape_key(tokens_NH, fc1_weight, fc2_weight, self.gated, grad)
         return expert_paths.choose_path(self.expert_path, key, candidates,
