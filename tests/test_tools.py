@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 import subprocess
 import sys
@@ -297,3 +298,46 @@ def test_eval_uniform_k_covers_each_methods_slot_range():
 
     assert eval_uniform_k.slot_range("straight_through_b1.8") == (1, 3)
     assert eval_uniform_k.slot_range("straight_through_b2.0") == (1, 4)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    """The prepared GPU script, run as its CPU dry run: every step passes, and OUT holds the
+    files the device tool brings back (at most 8)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "PYTHON": sys.executable, "RUNS": str(tmp_path / "runs"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "run", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["gpu_check.log", "layer.json", "paths.json", "train_ae.metrics.jsonl",
+                     "train_topk.metrics.jsonl"], files
+    log = (out / "gpu_check.log").read_text()
+    assert "failed steps: 0" in log
+    for name in ("gpu_tests", "paths", "layer", "train_ae", "train_topk"):
+        assert f"{name}: exit 0" in log
+    assert {row["dtype"] for row in json.loads((out / "paths.json").read_text())} == {"bf16"}
+    assert json.loads((out / "layer.json").read_text())[0]["device"] == "cpu"
+    losses = [json.loads(line)["loss"] for line in (out / "train_ae.metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+
+
+def test_gpu_check_script_without_packages_names_the_fix(tmp_path):
+    # A bare python (no megatron-core) and no wheels: the script says which command fetches them.
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\nexit 1\n")
+    bare.chmod(0o755)
+    proc = subprocess_run_gpu_check(tmp_path, {"PYTHON": str(bare)})
+    assert proc.returncode == 2 and "gpu_check.sh wheels" in proc.stderr, proc.stderr
+
+
+def subprocess_run_gpu_check(tmp_path, env_extra):
+    import shutil
+
+    repo = tmp_path / "repo"  # a copy of the script alone: no .whl beside it
+    (repo / "tools").mkdir(parents=True)
+    shutil.copy(REPO / "tools" / "gpu_check.sh", repo / "tools" / "gpu_check.sh")
+    return subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), "run", str(tmp_path / "out")],
+                          env={**os.environ, **env_extra}, capture_output=True, text=True, timeout=60)
