@@ -121,11 +121,13 @@ def layer_specs(cfg: TrainConfig, config) -> list:
         return [dense] * cfg.model.num_layers
     if cfg.moe.kind == "topk" and cfg.moe.grouped_gemm and not use_te:
         # The project's top-k path: megatron's MoELayer (router, aux loss, alltoall dispatcher)
-        # with the project's GroupedExperts instead of the SequentialMLP of the local spec.
+        # with the project's GroupedExperts instead of the SequentialMLP of the local spec, and
+        # without the dispatcher's identity sort at EP = TP = 1 (moe/topk_layer.py).
         from anyexperts.moe.specs import grouped_experts_spec
+        from anyexperts.moe.topk_layer import TopKMoELayer
 
         moe_spec = base_spec(cfg.moe.num_experts)
-        mlp = dataclasses.replace(moe_spec.submodules.mlp, submodules=dataclasses.replace(
+        mlp = dataclasses.replace(moe_spec.submodules.mlp, module=TopKMoELayer, submodules=dataclasses.replace(
             moe_spec.submodules.mlp.submodules, experts=grouped_experts_spec(cfg.moe.expert_path)))
         moe_spec = dataclasses.replace(moe_spec, submodules=dataclasses.replace(moe_spec.submodules, mlp=mlp))
     elif cfg.moe.kind == "topk":
