@@ -1,19 +1,19 @@
-"""The project's top-k path (moe/topk_layer.py): megatron's MoELayer whose alltoall dispatcher skips
-the sort by local expert where it is the identity (one EP and one TP rank). Its outputs and
-gradients must equal those of megatron's own dispatcher bit for bit, and the sort must not run.
-At EP = 2 the sort is real and runs: tests/test_train_e2e.py compares the EP = 2 run of this
-path with the EP = 1 one."""
+"""The project's top-k path (moe/topk_layer.py): megatron's MoELayer with the project's dispatcher
+behind megatron's dispatcher interface. On every rank, outputs and gradients (input, router,
+experts) must equal those of the same layer with megatron's MoEAlltoAllTokenDispatcher, up to
+the order of the sums; at EP = 1 and EP = 2 (gloo)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
 
 
-def _layer(num_experts: int, topk: int):
+def _layer(num_experts: int, topk: int, capacity_factor=None):
     from megatron.core.transformer.spec_utils import build_module
 
     from anyexperts.config import TrainConfig
@@ -25,7 +25,9 @@ def _layer(num_experts: int, topk: int):
                                   router_topk=topk, grouped_gemm=True)
     cfg.trainer = dataclasses.replace(cfg.trainer, precision="fp32")
     config = transformer_config(cfg)
-    torch.manual_seed(0)
+    if capacity_factor is not None:
+        config = dataclasses.replace(config, moe_expert_capacity_factor=capacity_factor)
+    torch.manual_seed(0)  # the same weights on every rank's copy of the full layer
     return build_module(layer_specs(cfg, config)[0].submodules.mlp, config=config, layer_number=1)
 
 
@@ -38,45 +40,34 @@ def _forward_backward(layer, hidden_SBH, grad_SBH):
     return out.detach(), x.grad, {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
 
 
-def _check_against_megatrons_dispatcher(rank, world_size):
-    from megatron.core.transformer.moe import token_dispatcher
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+def _both_dispatchers(rank, world_size, capacity_factor):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-    from anyexperts.moe.topk_layer import TopKMoELayer, _AlltoAllWithoutIdentitySort
+    from anyexperts.moe.topk_layer import SlotTokenDispatcher, TopKMoELayer
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    layer = _layer(num_experts=4, topk=2)
-    assert type(layer) is TopKMoELayer and type(layer.token_dispatcher) is _AlltoAllWithoutIdentitySort
-    gen = torch.Generator().manual_seed(1)
-    hidden_SBH, grad_SBH = torch.randn(64, 2, 32, generator=gen), torch.randn(64, 2, 32, generator=gen)
-
-    sorts = []
-    original = token_dispatcher.sort_chunks_by_idxs
-
-    def counting_sort(*args, **kwargs):
-        sorts.append(1)
-        return original(*args, **kwargs)
-
-    token_dispatcher.sort_chunks_by_idxs = counting_sort
-    try:
-        ours = _forward_backward(layer, hidden_SBH, grad_SBH)
-        sorts_ours = len(sorts)
-        layer.token_dispatcher.__class__ = MoEAlltoAllTokenDispatcher  # megatron's own, same state
-        megatron = _forward_backward(layer, hidden_SBH, grad_SBH)
-        sorts_megatron = len(sorts) - sorts_ours
-    finally:
-        token_dispatcher.sort_chunks_by_idxs = original
-    return ours, megatron, sorts_ours, sorts_megatron
+    layer = _layer(num_experts=8, topk=2, capacity_factor=capacity_factor)
+    assert type(layer) is TopKMoELayer and type(layer.token_dispatcher) is SlotTokenDispatcher
+    gen = torch.Generator().manual_seed(10 + rank)  # each rank its own tokens
+    hidden_SBH, grad_SBH = torch.randn(48, 2, 32, generator=gen), torch.randn(48, 2, 32, generator=gen)
+    ours = _forward_backward(layer, hidden_SBH, grad_SBH)
+    sent = layer.token_dispatcher.slots.last_dispatch_bytes_sent
+    layer.token_dispatcher = MoEAlltoAllTokenDispatcher(layer.num_local_experts, layer.local_expert_indices,
+                                                        config=layer.config, pg_collection=get_default_pg_collection())
+    return ours, _forward_backward(layer, hidden_SBH, grad_SBH), sent
 
 
-def test_identity_sort_skipped_with_equal_results():
-    ours, megatron, sorts_ours, sorts_megatron = run_distributed(_check_against_megatrons_dispatcher, 1,
-                                                                 expert_parallel_size=1)[0]
-    assert sorts_ours == 0 and sorts_megatron == 2  # megatron sorts after dispatch and before combine
-    out, grad_x, grads = ours
-    ref_out, ref_grad_x, ref_grads = megatron
-    assert torch.equal(out, ref_out) and torch.equal(grad_x, ref_grad_x)
-    assert grads.keys() == ref_grads.keys() and len(grads) >= 3  # router and both expert weights
-    for name in grads:
-        assert torch.equal(grads[name], ref_grads[name]), name
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_equals_megatrons_dispatcher(world_size, capacity_factor):
+    results = run_distributed(_both_dispatchers, world_size, args=(capacity_factor,), expert_parallel_size=world_size)
+    for rank, (ours, megatron, sent) in enumerate(results):
+        (out, grad_x, grads), (ref_out, ref_grad_x, ref_grads) = ours, megatron
+        assert ref_out.abs().max() > 0 and ref_grad_x.abs().max() > 0
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == ref_grads.keys() and len(grads) >= 3, grads.keys()  # router, fc1, fc2
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert (sent > 0) == (world_size > 1), (rank, sent)  # rows travel only between ranks
