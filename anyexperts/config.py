@@ -50,7 +50,8 @@ class MoEConfig:
     z_loss_coeff: Optional[float] = None
     token_dispatcher: str = "alltoall"  # alltoall | allgather
     # moe.kind=topk: megatron's grouped-GEMM experts with Transformer Engine (TEGroupedMLP); without
-    # it the project's GroupedExperts in megatron's MoELayer (the project's top-k path). Other
+    # it the project's top-k path: megatron's MoELayer and router with the project's dispatcher
+    # and GroupedExperts (moe/topk_layer.py). Other
     # kinds always use GroupedExperts. False: megatron's SequentialMLP (checkpoints differ).
     grouped_gemm: bool = False
     # How GroupedExperts computes (anyexperts/moe/expert_paths.py): auto (a rule of the shape, the

@@ -120,9 +120,9 @@ def layer_specs(cfg: TrainConfig, config) -> list:
     if cfg.moe.kind == "none":
         return [dense] * cfg.model.num_layers
     if cfg.moe.kind == "topk" and cfg.moe.grouped_gemm and not use_te:
-        # The project's top-k path: megatron's MoELayer (router, aux loss, alltoall dispatcher)
-        # with the project's GroupedExperts instead of the SequentialMLP of the local spec, and
-        # without the dispatcher's identity sort at EP = TP = 1 (moe/topk_layer.py).
+        # The project's top-k path: megatron's MoELayer (router, aux loss) with the project's
+        # dispatcher and GroupedExperts instead of megatron's alltoall dispatcher and the
+        # SequentialMLP of the local spec (moe/topk_layer.py).
         from anyexperts.moe.specs import grouped_experts_spec
         from anyexperts.moe.topk_layer import TopKMoELayer
 

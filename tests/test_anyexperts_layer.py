@@ -7,8 +7,9 @@ tests then check:
 - reduction: k_min = k_max = k, rho_max = 0, V = 0, alpha = 0 against megatron-core's
   MoELayer (top-k softmax, alltoall dispatcher, SequentialMLP, aux losses off), same
   weights, float64: outputs, input / router / expert gradients, with our layer running
-  megatron's SequentialMLP and the project's GroupedExperts, and megatron's MoELayer with
-  GroupedExperts (the project's top-k path, moe=topk moe.grouped_gemm=true). Tolerance 1e-6 relative to
+  megatron's SequentialMLP and the project's GroupedExperts, and the project's top-k path
+  (moe=topk moe.grouped_gemm=true: megatron's MoELayer and router, the project's dispatcher and
+  GroupedExperts). Tolerance 1e-6 relative to
   the values' scale: megatron computes the top-k softmax in float32 even in a float64
   model (moe_utils.topk_routing_with_score_function, dtype=torch.float32), which leaves
   differences of ~1e-9 relative; everything else agrees to float64 rounding.
@@ -82,6 +83,7 @@ def _reduction(expert_module_name: str, num_experts: int, topk: int) -> dict:
     from anyexperts import AnyExpertsConfig
     from anyexperts.moe import stats
     from anyexperts.moe.specs import grouped_experts_spec
+    from anyexperts.moe.topk_layer import TopKMoELayer
 
     stats.reset()
     torch.manual_seed(num_experts * 10 + topk)
@@ -99,9 +101,10 @@ def _reduction(expert_module_name: str, num_experts: int, topk: int) -> dict:
             ours.experts.load_state_dict(reference.experts.state_dict())
         else:
             ours.experts.load_from_sequential_mlp(reference.experts)
-    # The project's top-k path (moe=topk moe.grouped_gemm=true): megatron's MoELayer, GroupedExperts.
+    # The project's top-k path (moe=topk moe.grouped_gemm=true): megatron's MoELayer and router,
+    # the project's dispatcher and GroupedExperts (anyexperts.model.layer_specs builds the same).
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts)
-    spec.submodules.experts = grouped_experts_spec("auto")
+    spec.module, spec.submodules.experts = TopKMoELayer, grouped_experts_spec("auto")
     topk_grouped = build_module(spec, config=config, layer_number=1)
     with torch.no_grad():
         topk_grouped.router.weight.copy_(reference.router.weight)

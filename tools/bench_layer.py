@@ -16,9 +16,9 @@ are the steadier ones; compare ratios within one run, not absolute times between
   megatron             megatron-core MoELayer (top-k softmax router, aux losses off,
                        MoEAlltoAllTokenDispatcher, SequentialMLP).
   topk                 the project's top-k path, `moe=topk moe.grouped_gemm=true`
-                       (anyexperts.model.layer_specs: megatron's MoELayer with the run config's
-                       aux loss and the project's GroupedExperts, its dispatcher without the
-                       identity sort at EP = 1, moe/topk_layer.py; top-1 gates are pre-softmax).
+                       (anyexperts.model.layer_specs: megatron's MoELayer and router with the run
+                       config's aux loss, the project's dispatcher and GroupedExperts,
+                       moe/topk_layer.py; top-1 gates are pre-softmax).
   anyexperts_fixed_k   the AnyExperts layer at the reduction settings (k_min = k_max = k,
                        rho_max = 0, V = 0, alpha = 0, losses off), i.e. megatron's top-k MoELayer:
                        its forward output is checked against `megatron` once per case (the tool

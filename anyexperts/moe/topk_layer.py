@@ -4,7 +4,8 @@
 
 megatron's MoELayer with its TopKRouter and aux losses, the project's GroupedExperts, and the
 project's dispatcher (moe/dispatcher.py, VariableSlotAllToAll) behind megatron's token-dispatcher
-interface, in place of MoEAlltoAllTokenDispatcher (anyexperts.model.layer_specs builds the spec).
+interface, in place of MoEAlltoAllTokenDispatcher (anyexperts.model.layer_specs builds the spec;
+moe.token_dispatcher=allgather keeps megatron's allgather dispatcher).
 megatron's dispatcher permutes through the dense [T, E] routing map (a transposed copy, a masked
 select of the probabilities, a sort), and where a rank holds several experts it reorders the
 received rows by expert and back with a split and a cat of every row, also where that order is
@@ -74,6 +75,8 @@ class TopKMoELayer(MoELayer):
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
+        if config.moe_token_dispatcher_type != "alltoall":
+            return  # another dispatcher asked for by name (moe.token_dispatcher): megatron's
         for name, unsupported in (("moe_shared_expert_intermediate_size", self.use_shared_expert),
                                   ("moe_pad_expert_input_to_capacity", config.moe_pad_expert_input_to_capacity),
                                   ("moe_latent_size", getattr(config, "moe_latent_size", None))):
