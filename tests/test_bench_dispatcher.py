@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_dispatcher  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
 
 
 @pytest.mark.slow
@@ -41,3 +42,34 @@ def test_tiny_run_writes_every_case_with_bytes_and_floor(tmp_path, capsys, world
     (variable,) = (r for r in rows if r["case"] == "variable")
     assert 0 < variable["real_fraction"] < 1 and variable["time_vs_fixed"] > 0
     assert "ours_over_floor" in capsys.readouterr().out
+
+
+def _fresh_pages(num_pages: int):
+    """An anonymous mapping of num_pages 4 KiB pages, each touched once: num_pages minor faults
+    (huge pages off, so that the kernel does not map 2 MiB at a time)."""
+    import mmap
+
+    pages = mmap.mmap(-1, num_pages * 4096)
+    pages.madvise(mmap.MADV_NOHUGEPAGE)
+    for offset in range(0, num_pages * 4096, 4096):
+        pages[offset] = 1
+    return pages
+
+
+def _warm_up_rounds(rank, world_size):
+    from bench_dispatcher import warm_up
+
+    kept = []
+
+    def growing():  # fresh memory in its first two calls only, as a heap that reaches its mark
+        if len(kept) < 2:
+            kept.append(_fresh_pages(2048))
+
+    calm = {"a": lambda: None, "b": lambda: None}
+    return (warm_up({"grows": growing, **calm}, None), warm_up(calm, None),
+            warm_up({"grows": lambda: kept.append(_fresh_pages(2048))}, None, max_rounds=3))
+
+
+def test_warm_up_runs_until_the_heap_stops_growing():
+    until_calm, calm, never_calm = run_distributed(_warm_up_rounds, 1)[0]
+    assert (until_calm, calm, never_calm) == (3, 1, 3)
