@@ -325,19 +325,15 @@ def test_gpu_check_script_dry_run(tmp_path):
 
 
 def test_gpu_check_script_without_packages_names_the_fix(tmp_path):
-    # A bare python (no megatron-core) and no wheels: the script says which command fetches them.
+    # A bare python (no megatron-core) and a copy of the script alone (no .whl beside it): the
+    # script says which command fetches the wheels.
+    import shutil
+
     bare = tmp_path / "python"
     bare.write_text("#!/bin/sh\nexit 1\n")
     bare.chmod(0o755)
-    proc = subprocess_run_gpu_check(tmp_path, {"PYTHON": str(bare)})
+    (tmp_path / "repo" / "tools").mkdir(parents=True)
+    script = shutil.copy(REPO / "tools" / "gpu_check.sh", tmp_path / "repo" / "tools" / "gpu_check.sh")
+    proc = subprocess.run(["bash", str(script), "run", str(tmp_path / "out")], env={**os.environ, "PYTHON": str(bare)},
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "gpu_check.sh wheels" in proc.stderr, proc.stderr
-
-
-def subprocess_run_gpu_check(tmp_path, env_extra):
-    import shutil
-
-    repo = tmp_path / "repo"  # a copy of the script alone: no .whl beside it
-    (repo / "tools").mkdir(parents=True)
-    shutil.copy(REPO / "tools" / "gpu_check.sh", repo / "tools" / "gpu_check.sh")
-    return subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), "run", str(tmp_path / "out")],
-                          env={**os.environ, **env_extra}, capture_output=True, text=True, timeout=60)

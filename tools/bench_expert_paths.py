@@ -46,7 +46,6 @@ def experts_module(num_experts: int, hidden: int, ffn: int, dtype: torch.dtype =
 
 
 def bench_shape(num_experts: int, rows_per_expert: int, opts: dict) -> dict:
-
     gen = torch.Generator().manual_seed(opts["seed"] + num_experts * rows_per_expert)
     num_rows = num_experts * rows_per_expert
     counts = torch.bincount(torch.randint(0, num_experts, (num_rows,), generator=gen), minlength=num_experts)
@@ -116,8 +115,8 @@ def main(argv=None) -> list:
     host_memory.keep_freed_memory()  # as the trainer does (trainer.keep_freed_memory); every variant alike
     opts = vars(args)
     rows = [bench_shape(e, r, opts) for e in args.experts for r in args.rows_per_expert]
-    print_columns(rows, ["device", "dtype", "num_experts", "rows_per_expert", "num_rows", *(f"{p}_ms" for p in PATHS), "best", "auto",
-                         "rule_over_best", "blocked_over_grouped_mm"])
+    print_columns(rows, ["device", "dtype", "num_experts", "rows_per_expert", "num_rows", *(f"{p}_ms" for p in PATHS),
+                         "best", "auto", "rule_over_best", "blocked_over_grouped_mm"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows
